@@ -1,0 +1,1 @@
+"""chatstream: serve language models as multi-user streaming chat."""

@@ -1,0 +1,203 @@
+"""The plugin manager: built-ins from an explicit ordered tuple, third parties from entry points.
+
+Plugins load once, lazily, on the first call of :func:`get_plugin_manager`. A third-party plugin
+that fails to import is skipped with a warning naming it and its distribution, unless
+``strict_plugins`` is set. ``CHATSTREAM_TRACE_HOOKS=1`` prints every hook call.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import logging
+import os
+import sys
+import threading
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "chatstream"
+
+# Order matters only where a plugin relies on another's contribution; names are the module paths.
+BUILTIN_PLUGINS: tuple[str, ...] = (
+    "chatstream.plugins.prompts.chatml",
+    "chatstream.plugins.prompts.llama2",
+    "chatstream.plugins.prompts.llama3",
+    "chatstream.plugins.prompts.rakutenai",
+    "chatstream.plugins.prompts.karasu",
+    "chatstream.plugins.prompts.nekomata",
+    "chatstream.plugins.prompts.hf_template",
+    "chatstream.plugins.processors.penalties",
+    "chatstream.plugins.processors.sampling",
+    "chatstream.plugins.engines.mock",
+    "chatstream.plugins.engines.transformers_engine",
+    "chatstream.plugins.handlers.simple_session",
+    "chatstream.plugins.stores.memory",
+    "chatstream.plugins.transports.fastapi",
+)
+
+
+class PluginLoadWarning(UserWarning):
+    """A third-party plugin could not be loaded and was skipped."""
+
+
+class PluginError(RuntimeError):
+    """A plugin is broken in a way chatstream cannot work around (or ``strict_plugins`` is on)."""
+
+
+@dataclass
+class PluginInfo:
+    """What ``chatstream plugins`` shows for one plugin."""
+
+    name: str
+    distribution: str | None
+    version: str | None
+    hooks: list[str]
+    builtin: bool
+    error: str | None = None
+
+
+@dataclass
+class LoadedPlugins:
+    """The result of loading: the manager plus what failed, for introspection."""
+
+    pm: pluggy.PluginManager
+    failed: list[PluginInfo] = field(default_factory=list)
+    dist_of: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
+
+
+def _split_names(value: str | Iterable[str] | None) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [name.strip() for name in value.split(",") if name.strip()]
+    return list(value)
+
+
+def new_plugin_manager() -> pluggy.PluginManager:
+    """An empty manager with chatstream's hook specs; tests and embedders may register into it."""
+    pm = pluggy.PluginManager("chatstream")
+    pm.add_hookspecs(hookspecs)
+    if os.environ.get("CHATSTREAM_TRACE_HOOKS"):
+        pm.trace.root.setwriter(lambda message: print(message, end="", file=sys.stderr))
+        pm.enable_tracing()
+    return pm
+
+
+def load_plugins(
+    pm: pluggy.PluginManager | None = None,
+    *,
+    load: str | Iterable[str] | None = None,
+    block: Iterable[str] = (),
+    strict: bool = False,
+    builtins: Iterable[str] = BUILTIN_PLUGINS,
+    entry_points: bool = True,
+) -> LoadedPlugins:
+    """Register built-ins, then third-party plugins from the ``chatstream`` entry-point group.
+
+    ``load`` limits third-party plugins to these names (entry-point names); ``block`` names
+    plugins (built-in module paths or entry-point names) not to register at all.
+    """
+    pm = pm or new_plugin_manager()
+    result = LoadedPlugins(pm)
+    blocked = set(block)
+    for module_name in builtins:
+        if module_name in blocked or module_name.rsplit(".", 1)[-1] in blocked:
+            pm.set_blocked(module_name)
+            continue
+        module = importlib.import_module(module_name)
+        pm.register(module, name=module_name)
+        result.dist_of[module_name] = ("chatstream", _version("chatstream"))
+    if entry_points:
+        wanted = _split_names(load)
+        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            if ep.name in blocked or (wanted is not None and ep.name not in wanted):
+                continue
+            dist = ep.dist.name if ep.dist else None
+            version = ep.dist.version if ep.dist else None
+            try:
+                plugin = ep.load()
+                if pm.is_registered(plugin) or pm.has_plugin(ep.name):
+                    continue
+                pm.register(plugin, name=ep.name)
+            except Exception as exc:  # a broken plugin must not brick the host
+                message = (
+                    f"plugin {ep.name!r} from distribution {dist!r} failed to load and was skipped: "
+                    f"{type(exc).__name__}: {exc}. Fix or uninstall it (pip uninstall {dist}), "
+                    f"or block it with CHATSTREAM_BLOCK_PLUGINS='[\"{ep.name}\"]'."
+                )
+                if strict:
+                    raise PluginError(message) from exc
+                warnings.warn(message, PluginLoadWarning, stacklevel=2)
+                result.failed.append(PluginInfo(ep.name, dist, version, [], False, error=str(exc)))
+                continue
+            result.dist_of[ep.name] = (dist, version)
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(f"a plugin implements a hook chatstream does not define: {exc}") from exc
+    return result
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+_lock = threading.Lock()
+_loaded: LoadedPlugins | None = None
+
+
+def get_loaded_plugins() -> LoadedPlugins:
+    """Load plugins once per process, using the settings of the environment."""
+    global _loaded
+    with _lock:
+        if _loaded is None:
+            from .settings import Settings
+
+            settings = Settings()
+            _loaded = load_plugins(
+                load=settings.plugins, block=settings.block_plugins, strict=settings.strict_plugins
+            )
+        return _loaded
+
+
+def get_plugin_manager() -> pluggy.PluginManager:
+    """The process-wide plugin manager, loaded on first use."""
+    return get_loaded_plugins().pm
+
+
+def set_plugin_manager(loaded: LoadedPlugins | None) -> None:
+    """Replace (or with None, reset) the process-wide plugins; used by the test kit."""
+    global _loaded
+    with _lock:
+        _loaded = loaded
+
+
+def describe_plugins(loaded: LoadedPlugins) -> list[PluginInfo]:
+    """One entry per registered plugin (and per plugin that failed to load)."""
+    infos = []
+    for name, plugin in loaded.pm.list_name_plugin():
+        if plugin is None:
+            continue
+        hooks = sorted(caller.name for caller in loaded.pm.get_hookcallers(plugin) or [])
+        dist, version = loaded.dist_of.get(name, (None, None))
+        builtin = isinstance(plugin, ModuleType) and plugin.__name__.startswith("chatstream.plugins.")
+        infos.append(PluginInfo(name, dist, version, hooks, builtin))
+    return infos + loaded.failed
+
+
+def plugin_name_of(pm: pluggy.PluginManager, plugin: Any) -> str:
+    """The registered name of a plugin object."""
+    return pm.get_name(plugin) or repr(plugin)

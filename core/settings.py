@@ -1,0 +1,152 @@
+"""Settings: constructor/CLI arguments > environment (``CHATSTREAM_``, nested with ``__``) >
+TOML file (``--config`` or ``CHATSTREAM_CONFIG``) > defaults.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from .types import PenaltyMethod
+
+DEFAULT_PIPELINE = ["repetition", "frequency", "presence", "temperature", "top_k", "top_p", "min_p"]
+
+
+class SamplingSettings(BaseModel):
+    """The logits pipeline: which processors run, in which order, with which operator options."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pipeline: list[str] = Field(default_factory=lambda: list(DEFAULT_PIPELINE))
+    processors: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
+class Settings(BaseSettings):
+    """Every option of ``ChatStream(...)`` plus the server's and the plugins'.
+
+    Plugin-specific options live under ``plugin_config.<plugin name>``.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="CHATSTREAM_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    # The model: a local HF directory, a GGUF file, or None for the embedded SmolLM2.
+    model: str | None = None
+    tokenizer: str | None = None
+    device: str | None = None
+    engine: str = "transformers"
+    prompt_format: str | None = Field(None, description="chat_prompt_clazz by name; None picks by model")
+
+    # Load control.
+    num_of_concurrent_executions: int = Field(2, ge=1, le=4096)
+    max_queue_size: int = Field(5, ge=0, le=1_000_000)
+    too_many_request_as_http_error: bool = False
+
+    # The generator mock.
+    use_mock_response: bool = False
+    mock_params: dict[str, Any] = Field(default_factory=lambda: {"type": "round"})
+
+    # Generation defaults (per-request overrides are validated against these types).
+    max_new_tokens: int = Field(256, ge=1)
+    context_len: int = Field(1024, ge=16)
+    temperature: float = Field(1.0, ge=0.0)
+    top_k: int = Field(50, ge=0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0)
+    repetition_penalty_method: PenaltyMethod = "multiplicative"
+    add_special_tokens: bool | None = None
+    sampling: SamplingSettings = Field(default_factory=SamplingSettings)
+
+    # Requests and sessions.
+    request_handler: str = "simple_session"
+    session_store: str = "memory"
+    session_secret: SecretStr | None = None
+    max_input_chars: int = Field(16_000, ge=1)
+
+    # Server.
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    transports: list[str] = Field(default_factory=lambda: ["fastapi"])
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # Plugins.
+    plugins: list[str] | None = Field(None, description="third-party plugins to load; None loads all")
+    block_plugins: list[str] = Field(default_factory=list)
+    strict_plugins: bool = False
+    plugin_config: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @field_validator("plugins", "block_plugins", "transports", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.lstrip().startswith("["):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = _config_file.get("path") or os.environ.get("CHATSTREAM_CONFIG")
+        if config_file:
+            path = Path(config_file)
+            if not path.is_file():
+                raise SettingsError(f"settings file {config_file!r} (CHATSTREAM_CONFIG / --config) does not exist")
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+    def plugin_options(self, plugin: str) -> dict[str, Any]:
+        """The options of one plugin (``plugin_config.<plugin>``), empty when unset."""
+        return dict(self.plugin_config.get(plugin, {}))
+
+
+_config_file: dict[str, str | None] = {}
+
+
+class SettingsError(ValueError):
+    """A setting has a bad value; the message names it and says how to fix it."""
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line per bad setting: its dotted name, the problem, and the environment variable to fix."""
+    lines = []
+    for error in exc.errors():
+        name = ".".join(str(part) for part in error["loc"]) or "(settings)"
+        env = "CHATSTREAM_" + "__".join(str(part) for part in error["loc"]).upper()
+        given = error.get("input")
+        shown = "" if isinstance(given, dict) else f" (got {given!r})"
+        lines.append(f"setting {name!r}: {error['msg']}{shown}; set it with {env} or --config")
+    return "invalid settings:\n  " + "\n  ".join(lines)
+
+
+def load_settings(config_file: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
+    """Build settings from all sources; ``overrides`` (constructor/CLI values) win.
+
+    Raises ``SettingsError`` with a message that names each bad setting.
+    """
+    overrides = {key: value for key, value in overrides.items() if value is not None}
+    _config_file["path"] = os.fspath(config_file) if config_file else None
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise SettingsError(format_validation_error(exc)) from None
+    finally:
+        _config_file["path"] = None

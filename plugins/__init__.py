@@ -1,0 +1,1 @@
+"""Built-in plugins, each registered like a third-party plugin."""
