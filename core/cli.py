@@ -1,0 +1,140 @@
+"""The ``chatstream`` command. Imports stay light here: torch loads only inside commands that need it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from typing import Any
+
+import click
+
+from .settings import Settings, SettingsError, load_settings
+
+
+def _settings_from_cli(config: str | None, **cli: Any) -> Settings:
+    try:
+        return load_settings(config, **cli)
+    except SettingsError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="chatstream")
+def cli() -> None:
+    """Serve language models as multi-user streaming chat."""
+
+
+_model_options = [
+    click.option("--config", "config", type=click.Path(dir_okay=False), help="TOML settings file."),
+    click.option("--model", help="Local Hugging Face model directory or GGUF file (default: embedded SmolLM2)."),
+    click.option("--engine", help="Engine plugin name (default: transformers)."),
+    click.option("--device", help="cpu, cuda, mps, ..."),
+    click.option("--prompt-format", "prompt_format", help="Prompt format name (default: chosen by model)."),
+    click.option("--mock", "use_mock_response", is_flag=True, default=None, help="Stream canned text, load no model."),
+]
+
+
+def model_options(fn: Any) -> Any:
+    for option in reversed(_model_options):
+        fn = option(fn)
+    return fn
+
+
+@cli.command()
+@model_options
+@click.option("--host", help="Address to listen on (default 127.0.0.1).")
+@click.option("--port", type=int, help="Port (default 8000).")
+@click.option("--concurrency", "num_of_concurrent_executions", type=int, help="Generations at once.")
+@click.option("--queue", "max_queue_size", type=int, help="Requests allowed to wait.")
+def serve(config: str | None, **cli_options: Any) -> None:
+    """Run the chat server (HTTP) with uvicorn."""
+    import uvicorn
+
+    settings = _settings_from_cli(config, **cli_options)
+    if "too_many_request_as_http_error" not in settings.model_fields_set:
+        settings = settings.model_copy(update={"too_many_request_as_http_error": True})
+    logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    from .app import create_app
+
+    try:
+        app = create_app(settings)
+    except (SettingsError, ValueError, KeyError) as exc:
+        raise click.UsageError(str(exc)) from None
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+
+
+@cli.command()
+@model_options
+def chat(config: str | None, **cli_options: Any) -> None:
+    """Chat with the model in the terminal (empty line or Ctrl-D to quit)."""
+    settings = _settings_from_cli(config, **cli_options)
+    from .chatstream import ChatStream
+
+    cs = ChatStream(settings=settings)
+
+    async def run() -> None:
+        await cs.start()
+        try:
+            while True:
+                try:
+                    user_input = await asyncio.to_thread(input, "you> ")
+                except EOFError:
+                    break
+                if not user_input.strip():
+                    break
+                shown = 0
+                click.echo("bot> ", nl=False)
+                async for text in cs.handle_console_input(user_input):
+                    click.echo(text[shown:], nl=False)
+                    shown = len(text)
+                click.echo()
+        finally:
+            await cs.close()
+
+    asyncio.run(run())
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def plugins(as_json: bool) -> None:
+    """List plugins: name, distribution, version and the hooks each implements."""
+    from .plugin_manager import describe_plugins, get_loaded_plugins
+
+    infos = describe_plugins(get_loaded_plugins())
+    if as_json:
+        click.echo(json.dumps([info.__dict__ for info in infos], indent=2))
+        return
+    for info in infos:
+        source = f"{info.distribution or '?'} {info.version or ''}".strip()
+        if info.error:
+            click.echo(f"{info.name}  [{source}]  BROKEN: {info.error}")
+        else:
+            click.echo(f"{info.name}  [{source}]  hooks: {', '.join(info.hooks)}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def prompts(as_json: bool) -> None:
+    """List prompt formats and the plugin that provides each."""
+    from .plugin_manager import get_plugin_manager
+    from .prompt_formats import describe_prompt_formats, prompt_format_registry
+
+    rows = describe_prompt_formats(prompt_format_registry(get_plugin_manager()))
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        click.echo(f"{row['name']}  [{row['plugin']}]  {row['description']}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``chatstream`` command: adds plugin commands, then runs."""
+    from .plugin_manager import get_plugin_manager
+
+    try:
+        get_plugin_manager().hook.register_commands(cli=cli)
+    except Exception as exc:  # a broken plugin or setting must not hide `plugins` and `--help`
+        click.echo(f"warning: plugin commands not loaded: {exc}", err=True)
+    cli.main(args=argv if argv is not None else sys.argv[1:], prog_name="chatstream")

@@ -1,0 +1,1 @@
+"""Shared fixtures: the chatstream test kit (chatstream.testing) is loaded as a pytest plugin."""
