@@ -13,7 +13,9 @@ from .registry import lookup
 from .settings import Settings
 
 
-def install_transports(app: FastAPI, cs: ChatStream, names: list[str], options: dict[str, Any] | None = None) -> None:
+def install_transports(
+    app: FastAPI, cs: ChatStream, names: list[str], options: dict[str, Any] | None = None
+) -> None:
     """Mount each named transport (``settings.transports``) on ``app``."""
     transports = cs.contributions("transports")
     for name in names:
@@ -21,7 +23,9 @@ def install_transports(app: FastAPI, cs: ChatStream, names: list[str], options: 
         install(app, cs, options if options is not None else cs.settings.plugin_options(name) or None)
 
 
-def create_app(settings: Settings | None = None, chatstream: ChatStream | None = None, **options: Any) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, chatstream: ChatStream | None = None, **options: Any
+) -> FastAPI:
     """An app serving one ``ChatStream`` with the transports named in settings; starts and stops it."""
     cs = chatstream or ChatStream(settings=settings, **options)
 

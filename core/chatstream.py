@@ -22,6 +22,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Send
 
 from .admission import Admission, Load, TooManyRequests
+from .pipeline import clamp_params
 from .plugin_manager import LoadedPlugins, get_loaded_plugins
 from .prompt import AbstractChatPrompt
 from .registry import Contribution, collect, lookup
@@ -49,7 +50,14 @@ _SETTING_OPTIONS = (
     "add_special_tokens",
 )
 # Settings that are also per-request generation parameters.
-_PARAM_SETTINGS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "repetition_penalty_method")
+_PARAM_SETTINGS = (
+    "max_new_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "repetition_penalty",
+    "repetition_penalty_method",
+)
 
 
 class ChatStreamError(Exception):
@@ -109,6 +117,8 @@ class ChatStream:
     by model engines and ignored by the mock.
     """
 
+    _explicit: set[str]  # constructor arguments the caller passed (set by _remember_explicit)
+
     @_remember_explicit
     def __init__(
         self,
@@ -137,7 +147,7 @@ class ChatStream:
         engine: Engine | None = None,
         session_store: SessionStore | None = None,
     ) -> None:
-        explicit: set[str] = self._explicit  # type: ignore[has-type]
+        explicit = self._explicit
         given = locals()
         overrides = {name: given[name] for name in _SETTING_OPTIONS if name in explicit}
         if mock_params is None and "mock_params" in overrides:
@@ -169,7 +179,11 @@ class ChatStream:
         self._started = False
         self._start_lock = asyncio.Lock()
         self._console_prompt: AbstractChatPrompt | None = None
-        if self._explicit_prompt_class is not None or self.engine.tokenizer is not None or self.settings.use_mock_response:
+        if (
+            self._explicit_prompt_class is not None
+            or self.engine.tokenizer is not None
+            or self.settings.use_mock_response
+        ):
             self._select_prompt_class()
 
     # -- composition ---------------------------------------------------------------------------------
@@ -215,8 +229,12 @@ class ChatStream:
 
     def _create_request_handler(self) -> AbstractRequestHandler:
         handlers = self.contributions("request_handlers")
-        handler_cls = lookup(handlers, "request handler", self.settings.request_handler, "request_handler").obj
-        handler: AbstractRequestHandler = handler_cls(**self.settings.plugin_options(self.settings.request_handler))
+        handler_cls = lookup(
+            handlers, "request handler", self.settings.request_handler, "request_handler"
+        ).obj
+        handler: AbstractRequestHandler = handler_cls(
+            **self.settings.plugin_options(self.settings.request_handler)
+        )
         return handler
 
     def _default_params(self) -> GenerationParams:
@@ -310,18 +328,16 @@ class ChatStream:
             return text
         trimmed = type(prompt).from_dict(prompt.to_dict())
         while count is not None and count > budget:
-            contents = trimmed.get_contents()
-            starts = [i for i, c in enumerate(contents) if c.role == trimmed.requester]
-            if len(starts) < 2:
+            if not trimmed.drop_oldest_exchange():
                 raise ChatStreamError(
                     400,
                     "prompt_too_long",
                     f"the message is {count} tokens with the system prompt, but context_len="
-                    f"{self.settings.context_len} leaves {budget} after max_new_tokens={params.max_new_tokens}; "
+                    f"{self.settings.context_len} leaves {budget} after "
+                    f"max_new_tokens={params.max_new_tokens}; "
                     "send a shorter message or lower max_new_tokens",
                     field="user_input",
                 )
-            del contents[: starts[1]]
             text = trimmed.create_prompt()
             count = self.engine.count_tokens(text)
         return text
@@ -333,11 +349,12 @@ class ChatStream:
             values.update(session.generation_params)
         values.update({k: v for k, v in overrides.items() if v is not None})
         try:
-            return GenerationParams(**values)
+            params = GenerationParams(**values)
         except ValidationError as exc:
             error = exc.errors()[0]
             field = ".".join(str(p) for p in error["loc"]) or "generation_params"
             raise ChatStreamError(422, "invalid_parameter", f"{field}: {error['msg']}", field=field) from None
+        return clamp_params(params, self.settings.sampling.limits)
 
     # -- load control ---------------------------------------------------------------------------------
     def get_load(self) -> dict[str, Any]:
@@ -382,23 +399,31 @@ class ChatStream:
         """
         prompt = session.prompt
         text = self.render(prompt, params)
+        stop = list(prompt.get_stop_strs() or [])  # documented subclasses may return None
+        stop += [token for token in prompt.get_eos_tokens() if token and token not in stop]
         gen_request = GenerationRequest(
             prompt=text,
             params=params,
-            stop=prompt.get_stop_strs(),
+            stop=stop,
             request_id=request_id,
             add_special_tokens=self._add_special_tokens(prompt),
             messages=prompt.messages(),
         )
         answer = ""
+        replacer = prompt.output_replacer()  # e.g. "<NL>" back to "\n" for formats that need it
         try:
             async with contextlib.aclosing(self.engine.generate(gen_request)) as deltas:
                 async for delta in deltas:
-                    if delta.text:
-                        answer += delta.text
-                        yield delta.text
+                    shown = replacer.feed(delta.text) if delta.text else ""
+                    if shown:
+                        answer += shown
+                        yield shown
                     if delta.finish_reason == FinishReason.ERROR:
                         raise RuntimeError("the engine reported an error")
+            rest = replacer.flush()
+            if rest:
+                answer += rest
+                yield rest
         finally:
             prompt.set_responder_last_msg(answer)
 
@@ -430,10 +455,12 @@ class ChatStream:
             return JSONResponse(exc.to_dict(), status_code=exc.status)
         if session.id is not None:
             if session.id in self._active_sessions:
-                exc = ChatStreamError(
-                    409, "session_busy", "this session is already generating an answer; wait for it or stop it"
+                busy = ChatStreamError(
+                    409,
+                    "session_busy",
+                    "this session is already generating an answer; wait for it or stop it",
                 )
-                return JSONResponse(exc.to_dict(), status_code=409)
+                return JSONResponse(busy.to_dict(), status_code=409)
             self._active_sessions.add(session.id)
         try:
             await self.admit(request)
@@ -494,11 +521,15 @@ class ChatStream:
                     self._active_sessions.discard(session.id or "")
                     await self._finished(request, callback, request_id, reason, started_at, error=error)
 
-    async def _parse_body(self, request: Request, body: dict[str, Any] | str | bytes | None) -> ChatStreamRequestBody:
+    async def _parse_body(
+        self, request: Request, body: dict[str, Any] | str | bytes | None
+    ) -> ChatStreamRequestBody:
         if body is None:
             raw = await request.body()
             if len(raw) > 16 * self.settings.max_input_chars + 4096:
-                raise ChatStreamError(413, "body_too_large", "the request body is too large", field="user_input")
+                raise ChatStreamError(
+                    413, "body_too_large", "the request body is too large", field="user_input"
+                )
             body = raw
         if isinstance(body, (bytes, str)):
             try:
@@ -508,7 +539,9 @@ class ChatStream:
                     400, "invalid_json", 'the body must be JSON like {"user_input": "Hello"}'
                 ) from None
         if not isinstance(body, dict):
-            raise ChatStreamError(400, "invalid_body", 'the body must be a JSON object like {"user_input": "Hello"}')
+            raise ChatStreamError(
+                400, "invalid_body", 'the body must be a JSON object like {"user_input": "Hello"}'
+            )
         try:
             parsed = ChatStreamRequestBody.model_validate(body)
         except ValidationError as exc:
@@ -531,14 +564,18 @@ class ChatStream:
             contents = prompt.get_contents()
             if not contents or contents[-1].role != prompt.responder:
                 raise ChatStreamError(
-                    409, "nothing_to_regenerate", "there is no answer to regenerate yet; send user_input first",
+                    409,
+                    "nothing_to_regenerate",
+                    "there is no answer to regenerate yet; send user_input first",
                     field="regenerate",
                 )
             prompt.clear_last_responder_message()
             contents[-1].id = uuid.uuid4().hex
             return
         if not body.user_input.strip():
-            raise ChatStreamError(422, "empty_input", "user_input is empty: send the message text", field="user_input")
+            raise ChatStreamError(
+                422, "empty_input", "user_input is empty: send the message text", field="user_input"
+            )
         prompt.add_requester_msg(body.user_input)
         prompt.add_responder_msg(None)
 

@@ -28,11 +28,15 @@ def cli() -> None:
 
 _model_options = [
     click.option("--config", "config", type=click.Path(dir_okay=False), help="TOML settings file."),
-    click.option("--model", help="Local Hugging Face model directory or GGUF file (default: embedded SmolLM2)."),
+    click.option(
+        "--model", help="Local Hugging Face model directory or GGUF file (default: embedded SmolLM2)."
+    ),
     click.option("--engine", help="Engine plugin name (default: transformers)."),
     click.option("--device", help="cpu, cuda, mps, ..."),
     click.option("--prompt-format", "prompt_format", help="Prompt format name (default: chosen by model)."),
-    click.option("--mock", "use_mock_response", is_flag=True, default=None, help="Stream canned text, load no model."),
+    click.option(
+        "--mock", "use_mock_response", is_flag=True, default=None, help="Stream canned text, load no model."
+    ),
 ]
 
 
@@ -123,10 +127,10 @@ def prompts(as_json: bool) -> None:
 
     rows = describe_prompt_formats(prompt_format_registry(get_plugin_manager()))
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        click.echo(json.dumps([row._asdict() for row in rows], indent=2))
         return
     for row in rows:
-        click.echo(f"{row['name']}  [{row['plugin']}]  {row['description']}")
+        click.echo(f"{row.name}  [{row.plugin}]  {row.description}")
 
 
 def main(argv: list[str] | None = None) -> None:

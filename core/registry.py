@@ -58,7 +58,9 @@ def collect(
     for impl in reversed(caller.get_hookimpls()):
         plugin = plugin_name_of(pm, impl.plugin)
 
-        def register(name: str, obj: Any, _plugin: str = plugin, _fallback: bool = impl.trylast, **meta: Any) -> None:
+        def register(
+            name: str, obj: Any, _plugin: str = plugin, _fallback: bool = impl.trylast, **meta: Any
+        ) -> None:
             if not isinstance(name, str) or not _NAME.match(name):
                 raise PluginError(
                     f"plugin {_plugin!r} registered a {kind[:-1]} with the invalid name {name!r}: "

@@ -4,21 +4,42 @@ TOML file (``--config`` or ``CHATSTREAM_CONFIG``) > defaults.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+from pydantic_settings import SettingsError as PydanticSettingsError
 
 from .types import PenaltyMethod
 
 DEFAULT_PIPELINE = ["repetition", "frequency", "presence", "temperature", "top_k", "top_p", "min_p"]
+
+
+class SamplingLimits(BaseModel):
+    """Operator limits on per-request generation parameters (None: no limit).
+
+    - ``max_new_tokens``: larger requests are cut to this many tokens.
+    - ``max_temperature``: hotter requests are cooled to this temperature.
+    - ``max_top_k``: a larger ``top_k``, or ``top_k=0`` (off), becomes this value.
+    - ``max_penalty``: penalties are held to ``[-max_penalty, max_penalty]`` when subtractive and to
+      ``[1/max_penalty, max_penalty]`` when multiplicative (so it must be >= 1).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_new_tokens: int | None = Field(None, ge=1)
+    max_temperature: float | None = Field(None, ge=0.0)
+    max_top_k: int | None = Field(None, ge=1)
+    max_penalty: float | None = Field(None, ge=1.0)
 
 
 class SamplingSettings(BaseModel):
@@ -28,6 +49,7 @@ class SamplingSettings(BaseModel):
 
     pipeline: list[str] = Field(default_factory=lambda: list(DEFAULT_PIPELINE))
     processors: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    limits: SamplingLimits = Field(default_factory=SamplingLimits)
 
 
 class Settings(BaseSettings):
@@ -79,19 +101,23 @@ class Settings(BaseSettings):
     # Server.
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    transports: list[str] = Field(default_factory=lambda: ["fastapi"])
+    transports: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["fastapi"])
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     # Plugins.
-    plugins: list[str] | None = Field(None, description="third-party plugins to load; None loads all")
-    block_plugins: list[str] = Field(default_factory=list)
+    plugins: Annotated[list[str] | None, NoDecode] = Field(
+        None, description="third-party plugins to load (comma list or JSON); None loads all"
+    )
+    block_plugins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     strict_plugins: bool = False
     plugin_config: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     @field_validator("plugins", "block_plugins", "transports", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
-        if isinstance(value, str) and not value.lstrip().startswith("["):
+        if isinstance(value, str):
+            if value.lstrip().startswith("["):
+                return json.loads(value)
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
@@ -109,7 +135,9 @@ class Settings(BaseSettings):
         if config_file:
             path = Path(config_file)
             if not path.is_file():
-                raise SettingsError(f"settings file {config_file!r} (CHATSTREAM_CONFIG / --config) does not exist")
+                raise SettingsError(
+                    f"settings file {config_file!r} (CHATSTREAM_CONFIG / --config) does not exist"
+                )
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
         return tuple(sources)
 
@@ -148,5 +176,7 @@ def load_settings(config_file: str | os.PathLike[str] | None = None, **overrides
         return Settings(**overrides)
     except ValidationError as exc:
         raise SettingsError(format_validation_error(exc)) from None
+    except PydanticSettingsError as exc:  # a value that is not valid JSON where JSON is expected
+        raise SettingsError(f'{exc}; nested and list settings take JSON, e.g. \'["a", "b"]\'') from None
     finally:
         _config_file["path"] = None

@@ -24,7 +24,9 @@ import pytest
 from .plugin_manager import BUILTIN_PLUGINS, LoadedPlugins, load_plugins, new_plugin_manager
 
 
-def isolated_plugins(*extra: Any, block: tuple[str, ...] = (), builtins: tuple[str, ...] = BUILTIN_PLUGINS) -> LoadedPlugins:
+def isolated_plugins(
+    *extra: Any, block: tuple[str, ...] = (), builtins: tuple[str, ...] = BUILTIN_PLUGINS
+) -> LoadedPlugins:
     """Built-in plugins plus ``extra`` plugin objects (modules or instances), no entry points."""
     pm = new_plugin_manager()
     for plugin in extra:
@@ -45,7 +47,9 @@ def run_live_server(app: Any, timeout_s: float = 30.0) -> Iterator[str]:
     import uvicorn
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout_s

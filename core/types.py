@@ -7,7 +7,7 @@ plugin manager stay fast to import.
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
@@ -87,7 +87,7 @@ class GenerationRequest:
     """What an engine is asked to generate: rendered prompt text, stop strings and parameters."""
 
     prompt: str
-    params: GenerationParams = field(default_factory=GenerationParams)
+    params: GenerationParams = field(default_factory=lambda: GenerationParams())
     stop: Sequence[str] = ()
     request_id: str = ""
     add_special_tokens: bool | None = None
@@ -103,7 +103,7 @@ class LogitsProcessor(Protocol):
     ``-1``, which a processor must ignore.
     """
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor: ...
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,10 @@ PipelineBuilder = Callable[[Sequence[RowInfo]], "list[LogitsProcessor]"]
 
 @dataclass
 class EngineConfig:
-    """Everything an engine factory gets. ``model``/``tokenizer`` are objects, or None to load ``model_path``."""
+    """Everything an engine factory gets.
+
+    ``model``/``tokenizer`` are objects, or None to load ``model_path``.
+    """
 
     model: Any = None
     tokenizer: Any = None
@@ -153,7 +156,7 @@ class Engine(Protocol):
 
     async def close(self) -> None: ...
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[TextDelta]: ...
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[TextDelta, None]: ...
 
     def count_tokens(self, text: str) -> int | None:
         """Tokens ``text`` encodes to (as a prompt), or None when the engine cannot tell."""

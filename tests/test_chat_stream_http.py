@@ -23,7 +23,9 @@ class PlainPrompt(AbstractChatPrompt):
         self.set_responder("BOT")
 
     def create_prompt(self) -> str:
-        lines = [f"{c.role}: {c.message}" if c.message is not None else f"{c.role}:" for c in self.get_contents()]
+        lines = [
+            f"{c.role}: {c.message}" if c.message is not None else f"{c.role}:" for c in self.get_contents()
+        ]
         return "\n".join(lines)
 
 
@@ -34,7 +36,7 @@ def make_app(mock_chatstream: Any, **options: Any) -> tuple[FastAPI, ChatStream]
 
 
 async def read_all(client: httpx.AsyncClient, text: str) -> tuple[int, str]:
-    """POST to /chat_stream over real HTTP; the answer is the last chunk (each chunk is the whole text so far)."""
+    """POST over real HTTP; the answer is the last chunk (each chunk is the whole text so far)."""
     async with client.stream("POST", "/chat_stream", json={"user_input": text}) as response:
         last = b""
         async for chunk in response.aiter_raw():
@@ -47,7 +49,9 @@ async def test_answer_streams_as_cumulative_chunks(mock_chatstream: Any, live_se
     with live_server(app) as url:
         async with httpx.AsyncClient(base_url=url) as client:
             chunks = []
-            async with client.stream("POST", "/chat_stream", json={"user_input": "one two three 日本語"}) as r:
+            async with client.stream(
+                "POST", "/chat_stream", json={"user_input": "one two three 日本語"}
+            ) as r:
                 assert r.status_code == 200
                 assert r.headers["x-message-id"]
                 async for chunk in r.aiter_text():
@@ -59,7 +63,9 @@ async def test_answer_streams_as_cumulative_chunks(mock_chatstream: Any, live_se
     assert [len(c) for c in chunks] == sorted(len(c) for c in chunks)
 
 
-async def test_queue_refuses_the_overflow_and_serves_waiters_in_order(mock_chatstream: Any, live_server: Any) -> None:
+async def test_queue_refuses_the_overflow_and_serves_waiters_in_order(
+    mock_chatstream: Any, live_server: Any
+) -> None:
     app, cs = make_app(
         mock_chatstream,
         num_of_concurrent_executions=2,
@@ -97,7 +103,7 @@ async def test_queue_refuses_the_overflow_and_serves_waiters_in_order(mock_chats
 
 
 async def test_refusal_in_band_when_http_error_is_off(mock_chatstream: Any, live_server: Any) -> None:
-    app, cs = make_app(
+    app, _ = make_app(
         mock_chatstream,
         num_of_concurrent_executions=1,
         max_queue_size=0,
@@ -164,7 +170,10 @@ async def test_client_leaving_while_queued_leaves_the_queue(mock_chatstream: Any
 
     cs.pm.register(Recorder(), name="recorder")
     with live_server(app) as url:
-        async with httpx.AsyncClient(base_url=url, timeout=30) as client, httpx.AsyncClient(base_url=url) as other:
+        async with (
+            httpx.AsyncClient(base_url=url, timeout=30) as client,
+            httpx.AsyncClient(base_url=url) as other,
+        ):
             async with client.stream("POST", "/chat_stream", json={"user_input": "hold"}) as r:
                 chunks = r.aiter_text()
                 await chunks.__anext__()
@@ -207,6 +216,7 @@ async def test_history_is_kept_per_cookie_session(mock_chatstream: Any, live_ser
             await read_all(alice, "again")
             cookie = alice.cookies.get("chatstream_session")
             assert cookie != bob.cookies.get("chatstream_session")
+    assert cookie is not None
     session_id = cookie.split(".")[0]
     record = await cs.session_store.load(session_id)
     assert record is not None
@@ -221,7 +231,9 @@ async def test_tampered_cookie_starts_a_new_session(mock_chatstream: Any, chatst
         session_id = first.cookies["chatstream_session"].split(".")[0]
         client.cookies.clear()
         forged = await client.post(
-            "/chat_stream", json={"user_input": "hi"}, headers={"cookie": f"chatstream_session={session_id}.forged"}
+            "/chat_stream",
+            json={"user_input": "hi"},
+            headers={"cookie": f"chatstream_session={session_id}.forged"},
         )
         new_id = forged.cookies["chatstream_session"].split(".")[0]
     assert new_id != session_id

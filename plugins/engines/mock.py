@@ -32,7 +32,9 @@ LONG_TEXT = " ".join(
 MOCK_TYPES = ("round", "long", "echo")
 
 # One token: a CJK character, or a run of other non-space characters with its leading space.
-_TOKEN = re.compile(r"[\u3000-\u30ff\u3400-\u9fff\uff00-\uffef]|\s*[^\s\u3000-\u30ff\u3400-\u9fff\uff00-\uffef]+|\s+")
+_TOKEN = re.compile(
+    r"[\u3000-\u30ff\u3400-\u9fff\uff00-\uffef]|\s*[^\s\u3000-\u30ff\u3400-\u9fff\uff00-\uffef]+|\s+"
+)
 
 
 def split_mock_tokens(text: str) -> list[str]:

@@ -1,1 +1,608 @@
-"""(to be written)"""
+"""The ``transformers`` engine: any Hugging Face causal LM, with continuous batching.
+
+One background thread owns the model and runs a step loop. Every decode step is ONE forward pass
+over all active requests: their KV caches live side by side in one left-padded ``DynamicCache``
+(an attention mask hides each row's padding; explicit ``position_ids`` keep every row's positions
+its own). A new request is prefilled on its own (requests with equal prompt lengths together),
+gets its first token at once, and its cache is padded and concatenated into the running batch; a
+finished or cancelled request is sliced out at once and the padding every row shares is trimmed.
+Per-request sampling goes through the logits pipeline built for the batch's current rows.
+
+Tokens travel to each request's asyncio queue with ``loop.call_soon_threadsafe`` (one call per
+step and event loop); the request's own coroutine detokenizes and applies stop strings, so the
+step loop does nothing per token but tensor work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from chatstream.detokenize import IncrementalDetokenizer, StopStringFilter
+from chatstream.hookspecs import hookimpl
+from chatstream.types import (
+    EngineConfig,
+    FinishReason,
+    GenerationParams,
+    GenerationRequest,
+    LogitsProcessor,
+    RowInfo,
+    TextDelta,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+log = logging.getLogger(__name__)
+
+ENGINE_NAME = "transformers"
+
+_REASON_CODES = (None, FinishReason.STOP, FinishReason.LENGTH)
+
+
+class EngineError(RuntimeError):
+    """Generation failed inside the engine (the message says why); the request ended."""
+
+
+def _pipeline_sampler() -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """``(sample_next_tokens, make_generator)`` from ``chatstream.pipeline``, or local equivalents."""
+    try:
+        from chatstream.pipeline import make_generator, sample_next_tokens
+    except ImportError:
+        return _sample_next_tokens, _make_generator
+    return sample_next_tokens, make_generator
+
+
+def _make_generator(seed: int, device: Any) -> torch.Generator:
+    import torch
+
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+def _sample_next_tokens(
+    scores: torch.Tensor, rows: Sequence[RowInfo], generators: Sequence[Any] | None = None
+) -> torch.Tensor:
+    """Greedy for rows with temperature 0, otherwise a draw from softmax(scores) (seeded per row)."""
+    import torch
+
+    tokens = scores.argmax(dim=-1)
+    sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
+    if not sampled:
+        return tokens
+    probs = torch.softmax(scores.float(), dim=-1)
+    unseeded = []
+    for i in sampled:
+        generator = generators[i] if generators is not None else None
+        if generator is None:
+            unseeded.append(i)
+        else:
+            tokens[i] = torch.multinomial(probs[i], 1, generator=generator)[0]
+    if unseeded:
+        index = torch.tensor(unseeded, device=scores.device)
+        tokens[index] = torch.multinomial(probs[index], 1)[:, 0]
+    return tokens
+
+
+@dataclass(eq=False)
+class _Row:
+    """One request as the step loop sees it."""
+
+    prompt_ids: list[int]
+    params: GenerationParams
+    max_new_tokens: int
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[Any]
+    request_id: str = ""
+    generator: Any = None
+    cancelled: bool = False  # set by the consumer; the step loop drops the row at its next step
+    done: bool = False  # set by the step loop once the row left the batch
+
+    @property
+    def info(self) -> RowInfo:
+        return RowInfo(params=self.params, prompt_len=len(self.prompt_ids))
+
+
+@dataclass
+class _Batch:
+    """The running batch: rows side by side in one left-padded KV cache.
+
+    Invariants: the cache holds every row's history except its last token (``pending``), which
+    the next decode step feeds; ``mask`` marks real cache positions (1) vs left padding (0);
+    ``positions`` is each row's next position id; ``history`` is every row's full token history
+    left-padded with -1 (what processors see); ``generated`` counts tokens sampled per row.
+    """
+
+    rows: list[_Row]
+    cache: Any
+    mask: torch.Tensor
+    pending: torch.Tensor
+    positions: torch.Tensor
+    history: torch.Tensor
+    generated: torch.Tensor
+    limits: torch.Tensor  # per row: max_new_tokens
+    processors: list[LogitsProcessor] | None = None  # None = rebuild before the next use
+    generators: list[Any] = field(default_factory=list)
+
+
+class TransformersEngine:
+    """Serves a Hugging Face causal LM to many concurrent requests with continuous batching."""
+
+    name = ENGINE_NAME
+
+    def __init__(self, config: EngineConfig) -> None:
+        if config.max_batch_size < 1:
+            raise ValueError(f"max_batch_size={config.max_batch_size} is invalid: use 1 or more")
+        if config.context_len < 2:
+            raise ValueError(f"context_len={config.context_len} is invalid: use 2 or more")
+        if config.model is not None and config.tokenizer is None:
+            raise ValueError("EngineConfig.tokenizer is required when EngineConfig.model is given")
+        self.config = config
+        self.model: Any = config.model
+        self.tokenizer: Any = config.tokenizer
+        self.max_batch_size = config.max_batch_size
+        self.device: Any = None
+        self.context_len = config.context_len
+        self.eos_token_ids: list[int] = []
+        self._incoming: queue.SimpleQueue[_Row | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._sample, self._make_generator = _pipeline_sampler()
+        self._prefill_kwargs: dict[str, Any] = {}
+        self._batchable = True
+        self._eos: Any = None
+        # Observability (read from other threads; written only by the step loop).
+        self.active_rows = 0
+        self.waiting_rows = 0
+        self.steps = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Load the model when none was given, then start the step loop."""
+        if self._thread is not None:
+            return
+        if self.model is None:
+            self.model, self.tokenizer = await asyncio.to_thread(self._load)
+        await asyncio.to_thread(self._prepare)
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._run, name="chatstream-transformers", daemon=True)
+        self._thread.start()
+
+    def _load(self) -> tuple[Any, Any]:
+        from chatstream.loadtime import LoadTime
+        from chatstream.models import load_model_and_tokenizer, model_display_name
+
+        path = self.config.model_path
+        model, tokenizer = LoadTime(
+            name=model_display_name(path),
+            fn=lambda: load_model_and_tokenizer(path, self.config.device),
+        )()
+        if self.config.tokenizer is not None:
+            tokenizer = self.config.tokenizer
+        return model, tokenizer
+
+    def _prepare(self) -> None:
+        """Device, EOS ids, context length and forward options, worked out once."""
+        import torch
+        from chatstream.models import resolve_device
+
+        model = self.model
+        if self.config.device is not None:
+            self.device = torch.device(resolve_device(self.config.device))
+            if model.device != self.device:
+                model.to(self.device)
+        else:
+            self.device = model.device
+        model.eval()
+        self.eos_token_ids = _eos_token_ids(model, self.tokenizer)
+        self._eos = torch.tensor(self.eos_token_ids or [-1], device=self.device)
+        max_positions = getattr(model.config, "max_position_embeddings", None)
+        if isinstance(max_positions, int) and max_positions > 0:
+            self.context_len = min(self.config.context_len, max_positions)
+        if "logits_to_keep" in inspect.signature(model.forward).parameters:
+            self._prefill_kwargs["logits_to_keep"] = 1
+        self._batchable = _cache_is_mergeable(model)
+        if not self._batchable:
+            log.warning(
+                "%s uses a KV cache that cannot be padded and merged (sliding window or recurrent "
+                "layers): requests run one at a time",
+                type(model).__name__,
+            )
+
+    async def close(self) -> None:
+        """Stop the step loop; requests still running end with ``CANCELLED``."""
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        self._stopping.set()
+        self._incoming.put(None)
+        await asyncio.to_thread(thread.join)
+
+    # -- public helpers ----------------------------------------------------------------------------
+    def encode(self, text: str, add_special_tokens: bool | None = None) -> list[int]:
+        """Prompt token ids. Special-token strings in the text (``<|im_start|>``) stay special."""
+        if self.tokenizer is None:
+            raise RuntimeError("the engine has no tokenizer yet: await engine.start() first")
+        if add_special_tokens is None:
+            add_special_tokens = self.config.add_special_tokens
+        kwargs = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
+        ids: list[int] = self.tokenizer(text, **kwargs)["input_ids"]
+        return list(ids)
+
+    def count_tokens(self, text: str) -> int:
+        """How many tokens ``text`` encodes to as a prompt."""
+        return len(self.encode(text))
+
+    # -- generation --------------------------------------------------------------------------------
+    def _submit(self, prompt_ids: list[int], params: GenerationParams, request_id: str) -> _Row:
+        if self._thread is None:
+            raise RuntimeError("the engine is not running: await engine.start() first")
+        if not prompt_ids:
+            raise ValueError("the prompt is empty: give at least one token of prompt text")
+        if len(prompt_ids) >= self.context_len:
+            raise ValueError(
+                f"the prompt is {len(prompt_ids)} tokens but context_len is {self.context_len}: "
+                "shorten the conversation (prompt_ttl) or raise context_len"
+            )
+        row = _Row(
+            prompt_ids=prompt_ids,
+            params=params,
+            max_new_tokens=params.max_new_tokens,
+            loop=asyncio.get_running_loop(),
+            queue=asyncio.Queue(),
+            request_id=request_id,
+            generator=None if params.seed is None else self._make_generator(params.seed, self.device),
+        )
+        self._incoming.put(row)
+        return row
+
+    def _cancel(self, row: _Row) -> None:
+        if not row.done and not row.cancelled:
+            row.cancelled = True
+            self._incoming.put(None)  # wakes an idle step loop so it forgets the row now
+
+    async def generate_ids(self, request: GenerationRequest) -> AsyncIterator[list[int]]:
+        """Stream the request's new token ids (EOS excluded), ignoring stop strings.
+
+        Yields lists of ids as they arrive; ends at EOS, ``max_new_tokens`` or a full context.
+        """
+        row = self._submit(
+            self.encode(request.prompt, request.add_special_tokens), request.params, request.request_id
+        )
+        try:
+            while True:
+                items = await _next_items(row.queue)
+                ids = [item for item in items if isinstance(item, int)]
+                if ids:
+                    yield ids
+                last = items[-1]
+                if isinstance(last, BaseException):
+                    raise last
+                if isinstance(last, FinishReason):
+                    return
+        finally:
+            self._cancel(row)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[TextDelta]:
+        """Stream detokenized, stop-filtered text; the last delta carries the finish reason."""
+        prompt_ids = self.encode(request.prompt, request.add_special_tokens)
+        row = self._submit(prompt_ids, request.params, request.request_id)
+        detokenizer = IncrementalDetokenizer(self.tokenizer, context=prompt_ids)
+        stops = StopStringFilter(request.stop)
+        tokens = 0
+        try:
+            while True:
+                items = await _next_items(row.queue)
+                parts: list[str] = []
+                reason: FinishReason | None = None
+                for item in items:
+                    if isinstance(item, int):
+                        tokens += 1
+                        parts.append(stops.feed(detokenizer.add(item)))
+                        if stops.stopped:
+                            reason = FinishReason.STOP
+                            break
+                    elif isinstance(item, FinishReason):
+                        reason = item
+                    else:
+                        raise item
+                if reason is not None:
+                    if not stops.stopped:
+                        parts.append(stops.feed(detokenizer.flush()))
+                        parts.append(stops.flush())
+                    yield TextDelta("".join(parts), tokens=tokens, finish_reason=reason)
+                    return
+                text = "".join(parts)
+                if text:
+                    yield TextDelta(text, tokens=tokens)
+        finally:
+            self._cancel(row)
+
+    # -- the step loop (background thread) ---------------------------------------------------------
+    def _run(self) -> None:
+        import torch
+
+        waiting: list[_Row] = []
+        batch: _Batch | None = None
+        with torch.inference_mode():
+            while True:
+                block = batch is None and not waiting
+                stop = self._drain_incoming(waiting, block)
+                if stop or self._stopping.is_set():
+                    break
+                waiting = [row for row in waiting if not row.cancelled]
+                try:
+                    if batch is not None:
+                        batch = self._drop_rows(batch, [not row.cancelled for row in batch.rows])
+                    width = len(batch.rows) if batch is not None else 0
+                    # Caches that cannot be merged run one request at a time.
+                    room = self.max_batch_size - width if self._batchable else int(width == 0)
+                    if room > 0 and waiting:
+                        admitted, waiting = waiting[:room], waiting[room:]
+                        batch = self._admit(batch, admitted)
+                    if batch is not None:
+                        batch = self._decode_step(batch)
+                except Exception as exc:
+                    log.exception("generation step failed")
+                    failed = (batch.rows if batch is not None else []) + waiting
+                    error = EngineError(f"generation failed: {type(exc).__name__}: {exc}")
+                    self._deliver([(row, error) for row in failed])
+                    for row in failed:
+                        row.done = True
+                    batch, waiting = None, []
+                self.active_rows = len(batch.rows) if batch is not None else 0
+                self.waiting_rows = len(waiting)
+        leftover = (batch.rows if batch is not None else []) + waiting
+        self._deliver([(row, FinishReason.CANCELLED) for row in leftover])
+        self.active_rows = self.waiting_rows = 0
+
+    def _drain_incoming(self, waiting: list[_Row], block: bool) -> bool:
+        """Move submitted rows into ``waiting``; True when the engine is closing."""
+        try:
+            item = self._incoming.get() if block else self._incoming.get_nowait()
+            while True:
+                if item is not None:
+                    waiting.append(item)
+                elif self._stopping.is_set():
+                    return True
+                item = self._incoming.get_nowait()
+        except queue.Empty:
+            return False
+
+    def _deliver(self, items: Sequence[tuple[_Row, Any]]) -> None:
+        """Hand items to their requests' queues: one thread-safe call per event loop."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Any], Any]]] = {}
+        for row, item in items:
+            by_loop.setdefault(row.loop, []).append((row.queue, item))
+        for loop, puts in by_loop.items():
+            # A closed event loop raises RuntimeError: nobody is listening any more.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_put_all, puts)
+
+    def _forward(self, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+        out = self.model(use_cache=True, return_dict=True, **kwargs)
+        return out.logits[:, -1, :].float(), out.past_key_values
+
+    def _pipeline(self, rows: Sequence[_Row]) -> list[LogitsProcessor]:
+        build = self.config.build_pipeline
+        return list(build([row.info for row in rows])) if build is not None else []
+
+    def _choose(
+        self,
+        rows: Sequence[_Row],
+        processors: list[LogitsProcessor],
+        generators: list[Any],
+        history: torch.Tensor,
+        scores: torch.Tensor,
+    ) -> torch.Tensor:
+        for processor in processors:
+            scores = processor(history, scores)
+        return self._sample(scores, [row.info for row in rows], generators if any(generators) else None)
+
+    def _admit(self, batch: _Batch | None, rows: list[_Row]) -> _Batch | None:
+        """Prefill newcomers in one left-padded forward pass, emit their first token, join them."""
+        import torch
+
+        size = len(rows)
+        length = max(len(row.prompt_ids) for row in rows)
+        ids = torch.full((size, length), -1, dtype=torch.long, device=self.device)
+        for i, row in enumerate(rows):
+            ids[i, length - len(row.prompt_ids) :] = torch.tensor(row.prompt_ids)
+        mask = (ids >= 0).long()
+        if bool(mask.all()):
+            logits, cache = self._forward(input_ids=ids, **self._prefill_kwargs)
+        else:
+            # Padding reads as token 0 with its own positions clamped at 0; the mask hides it.
+            positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+            logits, cache = self._forward(
+                input_ids=ids.clamp(min=0),
+                attention_mask=mask,
+                position_ids=positions,
+                **self._prefill_kwargs,
+            )
+            for layer in cache.layers:
+                # Zero the padding's keys/values so nothing but finite numbers sits under the mask.
+                hide = mask[:, None, :, None] == 0
+                layer.keys = layer.keys.masked_fill(hide, 0)
+                layer.values = layer.values.masked_fill(hide, 0)
+        generators = [row.generator for row in rows]
+        first = self._choose(rows, self._pipeline(rows), generators, ids, logits)
+        newcomer = _Batch(
+            rows=rows,
+            cache=cache,
+            mask=mask,
+            pending=first,
+            positions=torch.tensor([len(row.prompt_ids) for row in rows], device=self.device),
+            history=torch.cat([ids, first[:, None]], dim=1),
+            generated=torch.ones(size, dtype=torch.long, device=self.device),
+            limits=torch.tensor([row.max_new_tokens for row in rows], device=self.device),
+            generators=generators,
+        )
+        joined = self._finish_tokens(newcomer, first)
+        if joined is None:
+            return batch
+        return joined if batch is None else _merge(batch, joined)
+
+    def _decode_step(self, batch: _Batch) -> _Batch | None:
+        """One forward pass over every row, one new token per row."""
+        import torch
+
+        ones = torch.ones(len(batch.rows), 1, dtype=batch.mask.dtype, device=self.device)
+        batch.mask = torch.cat([batch.mask, ones], dim=1)
+        logits, batch.cache = self._forward(
+            input_ids=batch.pending[:, None],
+            attention_mask=batch.mask,
+            position_ids=batch.positions[:, None],
+            past_key_values=batch.cache,
+        )
+        batch.positions = batch.positions + 1
+        if batch.processors is None:
+            batch.processors = self._pipeline(batch.rows)
+        tokens = self._choose(batch.rows, batch.processors, batch.generators, batch.history, logits)
+        batch.history = torch.cat([batch.history, tokens[:, None]], dim=1)
+        batch.pending = tokens
+        batch.generated = batch.generated + 1
+        self.steps += 1
+        return self._finish_tokens(batch, tokens)
+
+    def _finish_tokens(self, batch: _Batch, tokens: torch.Tensor) -> _Batch | None:
+        """Deliver this step's tokens, end rows at EOS / length, drop ended rows from the batch."""
+        import torch
+
+        is_eos = torch.isin(tokens, self._eos)
+        # History holds prompt + every sampled token; a full context ends the row like a length limit.
+        lengths = batch.positions + 1
+        too_long = (batch.generated >= batch.limits) | (lengths >= self.context_len)
+        codes = torch.where(is_eos, 1, torch.where(too_long, 2, 0))
+        token_list, code_list = torch.stack([tokens, codes]).tolist()
+        items: list[tuple[_Row, Any]] = []
+        keep: list[bool] = []
+        for row, token, code in zip(batch.rows, token_list, code_list, strict=True):
+            if code != 1:
+                items.append((row, token))
+            if code:
+                items.append((row, _REASON_CODES[code]))
+                row.done = True
+            keep.append(not code and not row.cancelled)
+        self._deliver(items)
+        return self._drop_rows(batch, keep)
+
+    def _drop_rows(self, batch: _Batch, keep: list[bool]) -> _Batch | None:
+        """Slice out rows that left, then trim the left padding every remaining row shares."""
+        import torch
+
+        if all(keep):
+            return batch
+        for row, kept in zip(batch.rows, keep, strict=True):
+            if not kept:
+                row.done = True
+        index = [i for i, kept in enumerate(keep) if kept]
+        if not index:
+            return None
+        rows = torch.tensor(index, device=self.device)
+        mask = batch.mask.index_select(0, rows)
+        # Columns that are padding in every remaining row can go: the cache shrinks with the batch.
+        start = int((mask.sum(dim=0) > 0).long().argmax()) if mask.shape[1] else 0
+        for layer in batch.cache.layers:
+            layer.keys = layer.keys.index_select(0, rows)[:, :, start:]
+            layer.values = layer.values.index_select(0, rows)[:, :, start:]
+        history = batch.history.index_select(0, rows)
+        hist_start = int((history >= 0).any(dim=0).long().argmax())
+        return _Batch(
+            rows=[batch.rows[i] for i in index],
+            cache=batch.cache,
+            mask=mask[:, start:],
+            pending=batch.pending.index_select(0, rows),
+            positions=batch.positions.index_select(0, rows),
+            history=history[:, hist_start:],
+            generated=batch.generated.index_select(0, rows),
+            limits=batch.limits.index_select(0, rows),
+            processors=None,
+            generators=[batch.generators[i] for i in index],
+        )
+
+
+def _merge(a: _Batch, b: _Batch) -> _Batch:
+    """One batch holding both: the shorter cache and history are left-padded to the longer."""
+    import torch
+    import torch.nn.functional as F
+
+    length = max(a.mask.shape[1], b.mask.shape[1])
+
+    def pad_left(tensor: torch.Tensor, dim_from_end: int, size: int, value: float = 0) -> torch.Tensor:
+        missing = size - tensor.shape[-dim_from_end]
+        if missing == 0:
+            return tensor
+        pad = [0, 0] * (dim_from_end - 1) + [missing, 0]
+        return F.pad(tensor, pad, value=value)
+
+    for layer_a, layer_b in zip(a.cache.layers, b.cache.layers, strict=True):
+        layer_a.keys = torch.cat([pad_left(layer_a.keys, 2, length), pad_left(layer_b.keys, 2, length)])
+        layer_a.values = torch.cat([pad_left(layer_a.values, 2, length), pad_left(layer_b.values, 2, length)])
+    hist_len = max(a.history.shape[1], b.history.shape[1])
+    return _Batch(
+        rows=a.rows + b.rows,
+        cache=a.cache,
+        mask=torch.cat([pad_left(a.mask, 1, length), pad_left(b.mask, 1, length)]),
+        pending=torch.cat([a.pending, b.pending]),
+        positions=torch.cat([a.positions, b.positions]),
+        history=torch.cat([pad_left(a.history, 1, hist_len, -1), pad_left(b.history, 1, hist_len, -1)]),
+        generated=torch.cat([a.generated, b.generated]),
+        limits=torch.cat([a.limits, b.limits]),
+        processors=None,
+        generators=a.generators + b.generators,
+    )
+
+
+def _put_all(puts: list[tuple[asyncio.Queue[Any], Any]]) -> None:
+    for target, item in puts:
+        target.put_nowait(item)
+
+
+async def _next_items(source: asyncio.Queue[Any]) -> list[Any]:
+    """Wait for at least one item, then take everything already queued (a slow reader catches up)."""
+    items = [await source.get()]
+    while not source.empty():
+        items.append(source.get_nowait())
+    return items
+
+
+def _cache_is_mergeable(model: Any) -> bool:
+    """True when the model's default cache is made of plain ``DynamicLayer`` layers."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    try:
+        cache = DynamicCache(config=model.config)
+    except Exception:  # a model whose config DynamicCache cannot read: be safe
+        return False
+    return bool(cache.layers) and all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def _eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Every id that ends generation: generation config's (int or list), model config's, tokenizer's."""
+    found: list[int] = []
+    for source in (getattr(model, "generation_config", None), getattr(model, "config", None), tokenizer):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        values = value if isinstance(value, (list, tuple)) else [value]
+        found.extend(int(v) for v in values if isinstance(v, int) and int(v) not in found)
+    return found
+
+
+def create_engine(config: EngineConfig) -> TransformersEngine:
+    """The engine factory registered as ``transformers``."""
+    return TransformersEngine(config)
+
+
+@hookimpl
+def register_engines(register: Any) -> None:
+    """Register the ``transformers`` engine."""
+    register(ENGINE_NAME, create_engine)

@@ -34,7 +34,9 @@ class SimpleSessionRequestHandler(AbstractRequestHandler):
     then do not survive a restart or span replicas) and a warning says so.
     """
 
-    def __init__(self, secret: str | None = None, cookie_name: str = COOKIE_NAME, secure: bool = False) -> None:
+    def __init__(
+        self, secret: str | None = None, cookie_name: str = COOKIE_NAME, secure: bool = False
+    ) -> None:
         self._secret = secret.encode() if secret else None
         self.cookie_name = cookie_name
         self.secure = secure
@@ -73,7 +75,9 @@ class SimpleSessionRequestHandler(AbstractRequestHandler):
         session_id = self.session_id_of(request)
         record = await self.chatstream.session_store.load(session_id) if session_id else None
         if session_id is None or record is None:
-            return ChatSession(session_id or secrets.token_urlsafe(24), self.chatstream.new_prompt(), is_new=True)
+            return ChatSession(
+                session_id or secrets.token_urlsafe(24), self.chatstream.new_prompt(), is_new=True
+            )
         prompt = self.chatstream.restore_prompt(record.get("prompt") or {})
         return ChatSession(session_id, prompt, dict(record.get("generation_params") or {}))
 

@@ -1,1 +1,60 @@
-"""(to be written)"""
+"""Karasu (lightblue/karasu-7B-chat, -chat-plus): the Llama-2-style template of its base model Shisa.
+
+No chat template of karasu itself was found. Source used: the ``chat_template`` of
+augmxnt/shisa-7b-v1 (Karasu's base model, per Lightblue's announcement "Karasu and Qarasu" on
+note.com/peter_lightblue), as reproduced in github.com/AUGMXNT/shisa
+``eval/generations/default-gen.py`` (commit 703a876). mmnga's GGUF conversion of
+karasu-7B-chat-plus-unleashed documents the same shape:
+``[INST] <<SYS>>あなたはAIアシスタントです。 <</SYS>> イギリスの首相は誰ですか? [/INST]``.
+Treat it as a well-founded candidate, not as the model's official format.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from chatstream.hookspecs import hookimpl
+from chatstream.prompt import ROLE_SYSTEM, ROLE_USER, AbstractChatPrompt
+
+
+class KarasuChatPrompt(AbstractChatPrompt):
+    """Shisa/Karasu: ``[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {answer} </s><s>[INST] ...``.
+
+    Only the system turn opens the first ``[INST]``; the first user message (position 0 or 1) gets
+    no ``[INST]`` of its own, later ones get ``<s>[INST]``. Contents are not stripped. The text has
+    no BOS at the start, so the tokenizer adds it.
+    """
+
+    bos_token = "<s>"
+    eos_token = "</s>"
+    # "[INST]" is a safety stop: the model sometimes goes on to write the user's next turn.
+    stop_strs = ("</s>", "[INST]")
+    eos_tokens = ("</s>",)
+    add_special_tokens = True
+
+    def create_prompt(self, opts: dict[str, Any] | None = None) -> str:
+        """The Shisa turns, ending after the last `` [/INST]``."""
+        parts: list[str] = []
+        for index, message in enumerate(self.rendered_messages()):
+            content = message["content"]
+            if message["role"] == ROLE_USER:
+                if index > 1:
+                    parts.append(f"{self.bos_token}[INST] {content} [/INST]")
+                else:
+                    parts.append(f"{content} [/INST]")
+            elif message["role"] == ROLE_SYSTEM:
+                parts.append(f"[INST] <<SYS>>\n{content}\n<</SYS>>\n\n")
+            else:
+                parts.append(f" {content} {self.eos_token}")
+        return "".join(parts)
+
+
+@hookimpl
+def register_prompt_formats(register: Callable[..., None]) -> None:
+    register(
+        "karasu",
+        KarasuChatPrompt,
+        model_patterns=(r"karasu-7b", r"shisa-7b-v1"),
+        description="Karasu / Shisa 7B (Llama-2 style [INST] with <<SYS>>; candidate from Shisa's template)",
+    )

@@ -1,1 +1,57 @@
-"""(to be written)"""
+"""rinna nekomata instruction models: a single-turn Alpaca-style task prompt in Japanese.
+
+Source: the model card of rinna/nekomata-14b-instruction (README.md, "How to use the model"),
+whose prompt is ``\\n以下は、タスクを説明する指示と、文脈のある入力の組み合わせです。…\\n\\n### 指示:\\n
+{instruction}\\n\\n### 入力:\\n{input}\\n\\n### 応答:\\n``. The model ships no chat template.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from chatstream.hookspecs import hookimpl
+from chatstream.prompt import ROLE_SYSTEM, ROLE_USER, AbstractChatPrompt
+
+PREAMBLE = (
+    "\n以下は、タスクを説明する指示と、文脈のある入力の組み合わせです。"
+    "要求を適切に満たす応答を書きなさい。\n\n"
+)
+
+
+class NekomataInstructionPrompt(AbstractChatPrompt):
+    """nekomata-7b/14b-instruction: system prompt = 指示 (the task), last user message = 入力 (its input).
+
+    A task prompt: only the last exchange is rendered (``prompt_ttl`` 1) and answers are not
+    part of the prompt. Without a system prompt the user message becomes the 指示 and the 入力
+    section is left out. Set the task with ``set_system``, e.g. ``次の日本語を英語に翻訳してください。``.
+    The card encodes without special tokens.
+    """
+
+    stop_strs = ("<|endoftext|>",)
+    eos_tokens = ("<|endoftext|>",)
+    add_special_tokens = False
+    default_prompt_ttl = 1
+
+    def create_prompt(self, opts: dict[str, Any] | None = None) -> str:
+        """Preamble, 指示, optional 入力, then ``### 応答:\\n``."""
+        messages = self.rendered_messages()
+        instruction = messages[0]["content"] if messages and messages[0]["role"] == ROLE_SYSTEM else None
+        inputs = [m["content"] for m in messages if m["role"] == ROLE_USER]
+        if not inputs:
+            raise ValueError("the nekomata prompt format needs a user message (the text for the task)")
+        if instruction is None:
+            body = f"### 指示:\n{inputs[-1]}\n\n"
+        else:
+            body = f"### 指示:\n{instruction}\n\n### 入力:\n{inputs[-1]}\n\n"
+        return f"{PREAMBLE}{body}### 応答:\n"
+
+
+@hookimpl
+def register_prompt_formats(register: Callable[..., None]) -> None:
+    register(
+        "nekomata",
+        NekomataInstructionPrompt,
+        model_patterns=(r"nekomata-\d+b-instruction",),
+        description="rinna nekomata instruction (single-turn 指示/入力/応答 task prompt)",
+    )

@@ -36,12 +36,16 @@ def selected_endpoints(options: dict[str, Any] | None) -> list[str]:
     options = dict(options or {"all": True})
     unknown_keys = set(options) - {"all", "include", "exclude"}
     if unknown_keys:
-        raise ValueError(f"append_apis options {sorted(unknown_keys)} are unknown: use all, include or exclude")
+        raise ValueError(
+            f"append_apis options {sorted(unknown_keys)} are unknown: use all, include or exclude"
+        )
     names = list(ENDPOINTS)
     for key in ("include", "exclude"):
         unknown = set(options.get(key) or ()) - set(names)
         if unknown:
-            raise ValueError(f"append_apis {key}: unknown endpoints {sorted(unknown)}; known: {', '.join(names)}")
+            raise ValueError(
+                f"append_apis {key}: unknown endpoints {sorted(unknown)}; known: {', '.join(names)}"
+            )
     if options.get("include") is not None:
         names = [name for name in names if name in options["include"]]
     elif not options.get("all", True) and options.get("exclude") is None:
