@@ -447,6 +447,14 @@ class ChatStream:
         request_id = uuid.uuid4().hex
         started_at = time.monotonic()
         try:
+            stream_format = request.query_params.get("format", self.settings.stream_format)
+            if stream_format not in ("cumulative", "delta"):
+                raise ChatStreamError(
+                    400,
+                    "invalid_format",
+                    f"format={stream_format!r}: use cumulative or delta",
+                    field="format",
+                )
             body = await self._parse_body(request, request_body)
             session = await self.request_handler.open_session(request)
             params = self.generation_params(session)
@@ -493,13 +501,15 @@ class ChatStream:
     ) -> AsyncIterator[bytes]:
         reason = FinishedReason.SUCCESS
         error: str | None = None
+        stream_format = request.query_params.get("format", self.settings.stream_format)
         streamed = False
         text = ""
         try:
             async for delta in self.stream_answer(session, params, request_id):
                 text += delta
                 streamed = True
-                yield text.encode()  # the documented wire format: each chunk is the whole answer so far
+                # The documented wire format sends the whole answer so far in every chunk.
+                yield (delta if stream_format == "delta" else text).encode()
         except (asyncio.CancelledError, GeneratorExit):
             reason = (
                 FinishedReason.CLIENT_DISCONNECTED_WHILE_STREAMING

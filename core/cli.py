@@ -46,6 +46,18 @@ def model_options(fn: Any) -> Any:
     return fn
 
 
+# The embedded model's card recommends these; a 135M model rambles at temperature 1.
+EMBEDDED_MODEL_SAMPLING = {"temperature": 0.2, "top_p": 0.9}
+
+
+def with_embedded_model_defaults(settings: Settings) -> Settings:
+    """Use the embedded model's recommended sampling unless the user chose values."""
+    if settings.model is not None or settings.use_mock_response or settings.engine != "transformers":
+        return settings
+    update = {k: v for k, v in EMBEDDED_MODEL_SAMPLING.items() if k not in settings.model_fields_set}
+    return settings.model_copy(update=update)
+
+
 @cli.command()
 @model_options
 @click.option("--host", help="Address to listen on (default 127.0.0.1).")
@@ -59,6 +71,7 @@ def serve(config: str | None, **cli_options: Any) -> None:
     settings = _settings_from_cli(config, **cli_options)
     if "too_many_request_as_http_error" not in settings.model_fields_set:
         settings = settings.model_copy(update={"too_many_request_as_http_error": True})
+    settings = with_embedded_model_defaults(settings)
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     from .app import create_app
 
@@ -73,7 +86,7 @@ def serve(config: str | None, **cli_options: Any) -> None:
 @model_options
 def chat(config: str | None, **cli_options: Any) -> None:
     """Chat with the model in the terminal (empty line or Ctrl-D to quit)."""
-    settings = _settings_from_cli(config, **cli_options)
+    settings = with_embedded_model_defaults(_settings_from_cli(config, **cli_options))
     from .chatstream import ChatStream
 
     cs = ChatStream(settings=settings)

@@ -97,6 +97,10 @@ class Settings(BaseSettings):
     session_store: str = "memory"
     session_secret: SecretStr | None = None
     max_input_chars: int = Field(16_000, ge=1)
+    stream_format: Literal["cumulative", "delta"] = Field(
+        "cumulative",
+        description="/chat_stream chunks: the whole answer so far (documented client) or only new text",
+    )
 
     # Server.
     host: str = "127.0.0.1"

@@ -1,0 +1,5 @@
+"""``python -m chatstream`` runs the ``chatstream`` command."""
+
+from .cli import main
+
+main()
