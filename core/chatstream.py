@@ -88,6 +88,9 @@ class ChatStreamRequestBody(BaseModel):
 
     user_input: str = Field("", description="the user's message")
     regenerate: bool = Field(False, description="generate the last answer again instead of adding a message")
+    generation_params: dict[str, Any] | None = Field(
+        None, description="per-request overrides (temperature, top_p, ...), validated and clamped"
+    )
 
 
 def _remember_explicit(init: F) -> F:
@@ -280,7 +283,7 @@ class ChatStream:
             if self.prompt_class is None:
                 self._select_prompt_class()
             self._started = True
-            await self._call_hook("startup", chatstream=self)
+            await self.call_hook("startup", chatstream=self)
 
     async def start_queue_worker(self) -> None:
         """Kept for code written against the documented API; same as ``start()``."""
@@ -290,7 +293,7 @@ class ChatStream:
         """Stop admitting, close the engine and the store, run the ``shutdown`` hooks."""
         self.admission.close()
         if self._started:
-            await self._call_hook("shutdown", chatstream=self)
+            await self.call_hook("shutdown", chatstream=self)
         await self.engine.close()
         await self.session_store.close()
         self._started = False
@@ -299,7 +302,12 @@ class ChatStream:
     def ready(self) -> bool:
         return self._started
 
-    async def _call_hook(self, name: str, **kwargs: Any) -> None:
+    def is_generating(self, session_id: str | None) -> bool:
+        """True while an answer is being generated for this session."""
+        return session_id is not None and session_id in self._active_sessions
+
+    async def call_hook(self, name: str, **kwargs: Any) -> None:
+        """Call every implementation of a lifecycle or event hook, awaiting those that are async."""
         for result in getattr(self.pm.hook, name)(**kwargs):
             if inspect.isawaitable(result):
                 await result
@@ -343,7 +351,7 @@ class ChatStream:
         return text
 
     def generation_params(self, session: ChatSession | None = None, **overrides: Any) -> GenerationParams:
-        """Default parameters updated by the session's and the request's values (validated)."""
+        """Default parameters updated by the session's and the request's values (validated, clamped)."""
         values = self.default_params.model_dump()
         if session is not None:
             values.update(session.generation_params)
@@ -353,8 +361,24 @@ class ChatStream:
         except ValidationError as exc:
             error = exc.errors()[0]
             field = ".".join(str(p) for p in error["loc"]) or "generation_params"
-            raise ChatStreamError(422, "invalid_parameter", f"{field}: {error['msg']}", field=field) from None
+            raise ChatStreamError(
+                422, "invalid_parameter", f"generation_params.{field}: {error['msg']}", field=field
+            ) from None
         return clamp_params(params, self.settings.sampling.limits)
+
+    async def open_session(self, request: Request) -> ChatSession:
+        """The request's session from the request handler; an unreachable store is a 503."""
+        try:
+            return await self.request_handler.open_session(request)
+        except ConnectionError as exc:
+            raise ChatStreamError(503, "session_store_unavailable", str(exc)) from None
+
+    async def save_session(self, request: Request, session: ChatSession) -> None:
+        """Keep the session through the request handler; an unreachable store is a 503."""
+        try:
+            await self.request_handler.save_session(request, session)
+        except ConnectionError as exc:
+            raise ChatStreamError(503, "session_store_unavailable", str(exc)) from None
 
     # -- load control ---------------------------------------------------------------------------------
     def get_load(self) -> dict[str, Any]:
@@ -456,8 +480,8 @@ class ChatStream:
                     field="format",
                 )
             body = await self._parse_body(request, request_body)
-            session = await self.request_handler.open_session(request)
-            params = self.generation_params(session)
+            session = await self.open_session(request)
+            params = self.generation_params(session, **(body.generation_params or {}))
             self._begin_turn(session, body)
         except ChatStreamError as exc:
             return JSONResponse(exc.to_dict(), status_code=exc.status)
@@ -527,6 +551,8 @@ class ChatStream:
                 try:
                     if session.id is not None:
                         await self.request_handler.save_session(request, session)
+                except Exception:
+                    self.logger.exception("request %s: the conversation could not be saved", request_id)
                 finally:
                     self._active_sessions.discard(session.id or "")
                     await self._finished(request, callback, request_id, reason, started_at, error=error)
@@ -610,7 +636,7 @@ class ChatStream:
                 result = callback(request, reason.value)  # type: ignore[arg-type]
                 if inspect.isawaitable(result):
                     await result
-            await self._call_hook(
+            await self.call_hook(
                 "on_request_finished", chatstream=self, request_id=request_id, reason=reason.value, info=info
             )
         except Exception:

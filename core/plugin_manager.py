@@ -41,6 +41,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "chatstream.plugins.engines.mock",
     "chatstream.plugins.engines.transformers_engine",
     "chatstream.plugins.handlers.simple_session",
+    "chatstream.plugins.handlers.stateless",
     "chatstream.plugins.stores.memory",
     "chatstream.plugins.transports.fastapi",
 )

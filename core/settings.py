@@ -9,7 +9,15 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -40,6 +48,36 @@ class SamplingLimits(BaseModel):
     max_temperature: float | None = Field(None, ge=0.0)
     max_top_k: int | None = Field(None, ge=1)
     max_penalty: float | None = Field(None, ge=1.0)
+
+
+# APIs each role may call by default; "*" means every API.
+DEFAULT_ROLES: dict[str, list[str]] = {
+    "default": [
+        "chat_stream",
+        "clear_context",
+        "set_generation_params",
+        "get_generation_params",
+        "set_feedback",
+        "get_load",
+    ],
+    "admin": ["*"],
+}
+
+
+class ApiKey(BaseModel):
+    """An API client's key and role. Give the key itself, or (better) its SHA-256 hex digest."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: str
+    key: SecretStr | None = None
+    sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
+
+    @model_validator(mode="after")
+    def _one_of_key_or_hash(self) -> ApiKey:
+        if (self.key is None) == (self.sha256 is None):
+            raise ValueError("give exactly one of key or sha256 for each API key")
+        return self
 
 
 class SamplingSettings(BaseModel):
@@ -102,6 +140,13 @@ class Settings(BaseSettings):
         description="/chat_stream chunks: the whole answer so far (documented client) or only new text",
     )
 
+    # Roles and access (HTTP API): browser clients get default_role; API clients send X-API-Key.
+    roles: dict[str, list[str]] = Field(
+        default_factory=lambda: {k: list(v) for k, v in DEFAULT_ROLES.items()}
+    )
+    default_role: str = "default"
+    api_keys: list[ApiKey] = Field(default_factory=list)
+
     # Server.
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -144,6 +189,19 @@ class Settings(BaseSettings):
                 )
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
         return tuple(sources)
+
+    @model_validator(mode="after")
+    def _check_roles(self) -> Settings:
+        if self.default_role not in self.roles:
+            raise ValueError(
+                f"default_role {self.default_role!r} is not one of the roles {sorted(self.roles)}"
+            )
+        for api_key in self.api_keys:
+            if api_key.role not in self.roles:
+                raise ValueError(
+                    f"api_keys: role {api_key.role!r} is not one of the roles {sorted(self.roles)}"
+                )
+        return self
 
     def plugin_options(self, plugin: str) -> dict[str, Any]:
         """The options of one plugin (``plugin_config.<plugin>``), empty when unset."""

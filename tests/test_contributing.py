@@ -44,7 +44,7 @@ async def greedy_ids(cs: ChatStream, prompt: str) -> list[int]:
     await cs.start()
     request = GenerationRequest(prompt=prompt, params=GenerationParams(temperature=0, max_new_tokens=12))
     ids: list[int] = []
-    async for chunk in cs.engine.generate_ids(request):  # type: ignore[attr-defined]
+    async for chunk in cs.engine.generate_ids(request):
         ids.extend(chunk)
     await cs.close()
     return ids

@@ -1,22 +1,151 @@
-"""The FastAPI transport: the documented ChatStream HTTP endpoints, mounted by ``append_apis``."""
+"""The FastAPI transport: the documented ChatStream HTTP endpoints, mounted by ``append_apis``.
+
+Each endpoint is checked against the caller's role (``roles`` / ``api_keys`` settings) before it
+runs. Bodies are pydantic models: a wrong type, a missing field or an oversized body is a 4xx whose
+JSON names the field.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import sys
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from chatstream.chatstream import ChatStream
+from chatstream.access import AccessDenied, AccessPolicy, presented_key
+from chatstream.chatstream import ChatStream, ChatStreamError
 from chatstream.hookspecs import hookimpl
+from chatstream.sessions import ChatSession
+from chatstream.types import GenerationParams
 
 Endpoint = Callable[[ChatStream, Request], Awaitable[Response]]
+M = TypeVar("M", bound=BaseModel)
+
+MAX_BODY_BYTES = 64 * 1024  # for the small JSON bodies of the non-chat endpoints
+
+
+class FeedbackBody(BaseModel):
+    """The body of ``POST /set_feedback``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    message_id: str = Field(min_length=1, max_length=200)
+    type: Literal["like", "dislike"]
+    data: dict[str, Any] | None = None
+
+
+async def parse_body(request: Request, model: type[M], max_bytes: int = MAX_BODY_BYTES) -> M:
+    """The request's JSON body as ``model``, or a ``ChatStreamError`` naming what is wrong."""
+    raw = await request.body()
+    if len(raw) > max_bytes:
+        raise ChatStreamError(
+            413, "body_too_large", f"the body is {len(raw)} bytes; the limit is {max_bytes}"
+        )
+    try:
+        data = json.loads(raw) if raw else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ChatStreamError(400, "invalid_json", "the body must be a JSON object") from None
+    if not isinstance(data, dict):
+        raise ChatStreamError(400, "invalid_body", "the body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = ".".join(str(p) for p in error["loc"]) or "body"
+        raise ChatStreamError(422, "invalid_field", f"{field}: {error['msg']}", field=field) from None
+
+
+def respond(cs: ChatStream, session: ChatSession, body: Any, status: int = 200) -> Response:
+    response = JSONResponse(body, status_code=status)
+    cs.request_handler.finish_response(response, session)
+    return response
 
 
 async def chat_stream(cs: ChatStream, request: Request) -> Response:
-    """POST: body ``{"user_input": "..."}``; streams the answer, each chunk the whole text so far."""
+    """POST ``{"user_input": "...", "regenerate": false}``: streams the answer (header X-Message-Id)."""
     return await cs.handle_chat_stream_request(request)
+
+
+async def clear_context(cs: ChatStream, request: Request) -> Response:
+    """POST: forget this session's conversation."""
+    session = await cs.open_session(request)
+    if cs.is_generating(session.id):
+        raise ChatStreamError(409, "session_busy", "an answer is being generated; stop it first")
+    session.prompt.clear_history()
+    if session.id is not None:
+        await cs.save_session(request, session)
+    return respond(cs, session, {"success": True})
+
+
+async def get_prompt(cs: ChatStream, request: Request) -> Response:
+    """GET: this session's conversation as the model sees it (rendered prompt and messages)."""
+    session = await cs.open_session(request)
+    prompt = session.prompt
+    return respond(
+        cs,
+        session,
+        {
+            "prompt": prompt.create_prompt() if prompt.get_contents() else prompt.build_initial_prompt(),
+            "messages": [{"role": c.role, "message": c.message, "id": c.id} for c in prompt.get_contents()],
+            "format": type(prompt).__name__,
+        },
+    )
+
+
+async def set_generation_params(cs: ChatStream, request: Request) -> Response:
+    """POST any of temperature, top_k, top_p, min_p, max_new_tokens, penalties, seed for this session."""
+    raw = await parse_body(request, _ParamsBody)
+    values = raw.model_dump(exclude_unset=True)
+    session = await cs.open_session(request)
+    if session.id is None:
+        raise ChatStreamError(
+            409,
+            "stateless",
+            "this request handler keeps no session: send generation_params with each request",
+        )
+    merged = {**session.generation_params, **values}
+    effective = cs.generation_params(ChatSession(None, session.prompt, merged))  # validates and clamps
+    session.generation_params = merged
+    await cs.save_session(request, session)
+    return respond(cs, session, effective.model_dump())
+
+
+async def get_generation_params(cs: ChatStream, request: Request) -> Response:
+    """GET: the generation parameters this session's requests use."""
+    session = await cs.open_session(request)
+    return respond(cs, session, cs.generation_params(session).model_dump())
+
+
+async def set_feedback(cs: ChatStream, request: Request) -> Response:
+    """POST ``{"message_id", "type": "like"|"dislike", "data": {...}}``: goes to the ``on_feedback`` hook."""
+    body = await parse_body(request, FeedbackBody)
+    session = await cs.open_session(request)
+    prompt = session.prompt
+    contents = prompt.get_contents()
+    index = next((i for i, c in enumerate(contents) if c.id == body.message_id), None)
+    if index is None:
+        raise ChatStreamError(
+            404, "unknown_message", f"message_id {body.message_id!r} is not in this conversation"
+        )
+    upto = type(prompt).from_dict(prompt.to_dict())
+    del upto.get_contents()[index:]
+    if contents[index].role == prompt.responder:
+        upto.add_responder_msg(None)  # the prompt that produced this answer
+    feedback = {
+        "message_id": body.message_id,
+        "type": body.type,
+        "message": contents[index].message,
+        "prompt": upto.create_prompt() if upto.get_contents() else upto.build_initial_prompt(),
+        "generation_params": cs.generation_params(session).model_dump(),
+        "data": body.data or {},
+    }
+    await cs.call_hook("on_feedback", chatstream=cs, feedback=feedback)
+    return respond(cs, session, {"success": True})
 
 
 async def get_load(cs: ChatStream, request: Request) -> Response:
@@ -24,10 +153,66 @@ async def get_load(cs: ChatStream, request: Request) -> Response:
     return JSONResponse(cs.get_load())
 
 
+async def get_resource_usage(cs: ChatStream, request: Request) -> Response:
+    """GET: this process's memory, and GPU memory when a GPU is in use."""
+    import psutil
+
+    process = psutil.Process(os.getpid())
+    usage: dict[str, Any] = {
+        "instance_name": cs.instance_name,
+        "process": {
+            "rss_bytes": process.memory_info().rss,
+            "cpu_percent": process.cpu_percent(interval=None),
+        },
+        "system": {"memory_percent": psutil.virtual_memory().percent},
+        "gpus": [],
+    }
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            usage["gpus"].append(
+                {
+                    "index": index,
+                    "name": torch.cuda.get_device_name(index),
+                    "allocated_bytes": torch.cuda.memory_allocated(index),
+                    "reserved_bytes": torch.cuda.memory_reserved(index),
+                    "total_bytes": torch.cuda.get_device_properties(index).total_memory,
+                }
+            )
+    return JSONResponse(usage)
+
+
+class _ParamsBody(BaseModel):
+    """The body of ``POST /set_generation_params``: any subset of the generation parameters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    repetition_penalty_method: Literal["multiplicative", "subtractive"] | None = None
+    frequency_penalty: float | None = None
+    frequency_penalty_method: Literal["multiplicative", "subtractive"] | None = None
+    presence_penalty: float | None = None
+    presence_penalty_method: Literal["multiplicative", "subtractive"] | None = None
+    seed: int | None = None
+
+
+assert set(_ParamsBody.model_fields) == set(GenerationParams.model_fields)  # keep the two in step
+
 # name -> (HTTP method, handler)
 ENDPOINTS: dict[str, tuple[str, Endpoint]] = {
     "chat_stream": ("POST", chat_stream),
+    "clear_context": ("POST", clear_context),
+    "get_prompt": ("GET", get_prompt),
+    "set_generation_params": ("POST", set_generation_params),
+    "get_generation_params": ("GET", get_generation_params),
+    "set_feedback": ("POST", set_feedback),
     "get_load": ("GET", get_load),
+    "get_resource_usage": ("GET", get_resource_usage),
 }
 
 
@@ -54,12 +239,22 @@ def selected_endpoints(options: dict[str, Any] | None) -> list[str]:
 
 
 def install(app: FastAPI, cs: ChatStream, options: dict[str, Any] | None = None) -> None:
-    """Mount the selected endpoints of ``cs`` on ``app``."""
+    """Mount the selected endpoints of ``cs`` on ``app``, each behind the role check."""
+    policy = AccessPolicy(cs.settings)
     for name in selected_endpoints(options):
         method, handler = ENDPOINTS[name]
 
-        async def endpoint(request: Request, _handler: Endpoint = handler) -> Response:
-            return await _handler(cs, request)
+        async def endpoint(request: Request, _name: str = name, _handler: Endpoint = handler) -> Response:
+            try:
+                request.state.role = policy.check(presented_key(request.headers), _name)
+                return await _handler(cs, request)
+            except AccessDenied as exc:
+                return JSONResponse(
+                    {"error": "unauthorized" if exc.status == 401 else "forbidden", "message": exc.message},
+                    status_code=exc.status,
+                )
+            except ChatStreamError as exc:
+                return JSONResponse(exc.to_dict(), status_code=exc.status)
 
         endpoint.__doc__ = handler.__doc__
         app.add_api_route(f"/{name}", endpoint, methods=[method], name=name)
