@@ -24,6 +24,7 @@ from .types import (
 if TYPE_CHECKING:  # pragma: no cover
     from .chatstream import ChatStream, ChatStreamError
     from .loadtime import LoadTime
+    from .mock_transformer import MockTransformer
     from .plugins.handlers.simple_session import SimpleSessionRequestHandler
     from .sessions import AbstractRequestHandler, ChatSession, SessionStore
     from .settings import Settings
@@ -43,6 +44,7 @@ __all__ = [
     "GenerationRequest",
     "LoadTime",
     "LogitsProcessor",
+    "MockTransformer",
     "RowInfo",
     "SessionStore",
     "Settings",
@@ -56,6 +58,7 @@ _LAZY = {
     "ChatStream": ".chatstream",
     "ChatStreamError": ".chatstream",
     "LoadTime": ".loadtime",
+    "MockTransformer": ".mock_transformer",
     "SimpleSessionRequestHandler": ".plugins.handlers.simple_session",
     "AbstractRequestHandler": ".sessions",
     "ChatSession": ".sessions",

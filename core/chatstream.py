@@ -12,7 +12,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import anyio
@@ -28,7 +28,15 @@ from .prompt import AbstractChatPrompt
 from .registry import Contribution, collect, lookup
 from .sessions import AbstractRequestHandler, ChatSession, SessionConflict, SessionStore
 from .settings import Settings, SettingsError, load_settings
-from .types import Engine, EngineConfig, FinishedReason, FinishReason, GenerationParams, GenerationRequest
+from .types import (
+    Engine,
+    EngineConfig,
+    FinishedReason,
+    FinishReason,
+    GenerationParams,
+    GenerationRequest,
+    TextDelta,
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -414,29 +422,45 @@ class ChatStream:
             raise
 
     # -- streaming ------------------------------------------------------------------------------------
+    def generation_request(
+        self, session: ChatSession, params: GenerationParams, request_id: str = ""
+    ) -> GenerationRequest:
+        """What the engine is asked for the session's pending answer (may raise ``ChatStreamError``)."""
+        prompt = session.prompt
+        stop = list(prompt.get_stop_strs() or [])  # documented subclasses may return None
+        stop += [token for token in prompt.get_eos_tokens() if token and token not in stop]
+        return GenerationRequest(
+            prompt=self.render(prompt, params),
+            params=params,
+            stop=stop,
+            request_id=request_id or uuid.uuid4().hex,
+            add_special_tokens=self._add_special_tokens(prompt),
+            messages=prompt.messages(),
+        )
+
+    def start_generation(self, gen_request: GenerationRequest) -> AsyncGenerator[TextDelta, None]:
+        """Ask the engine; an engine error that carries an HTTP ``status`` and ``code`` (a recording
+        that is missing, say) becomes a ``ChatStreamError`` before anything streams."""
+        try:
+            return self.engine.generate(gen_request)
+        except Exception as exc:
+            status, code = getattr(exc, "status", None), getattr(exc, "code", None)
+            if isinstance(status, int) and isinstance(code, str):
+                raise ChatStreamError(status, code, str(exc)) from exc
+            raise
+
     async def stream_answer(
-        self, session: ChatSession, params: GenerationParams, request_id: str
+        self, session: ChatSession, deltas: AsyncGenerator[TextDelta, None]
     ) -> AsyncIterator[str]:
-        """Generate the pending answer of ``session`` (a slot must be held); yields text deltas.
+        """Stream the pending answer of ``session`` from the engine's ``deltas`` (a slot must be held).
 
         The answer (complete, or partial if the consumer stops early) is written into the prompt.
         """
         prompt = session.prompt
-        text = self.render(prompt, params)
-        stop = list(prompt.get_stop_strs() or [])  # documented subclasses may return None
-        stop += [token for token in prompt.get_eos_tokens() if token and token not in stop]
-        gen_request = GenerationRequest(
-            prompt=text,
-            params=params,
-            stop=stop,
-            request_id=request_id,
-            add_special_tokens=self._add_special_tokens(prompt),
-            messages=prompt.messages(),
-        )
         answer = ""
         replacer = prompt.output_replacer()  # e.g. "<NL>" back to "\n" for formats that need it
         try:
-            async with contextlib.aclosing(self.engine.generate(gen_request)) as deltas:
+            async with contextlib.aclosing(deltas):
                 async for delta in deltas:
                     shown = replacer.feed(delta.text) if delta.text else ""
                     if shown:
@@ -483,6 +507,7 @@ class ChatStream:
             session = await self.open_session(request)
             params = self.generation_params(session, **(body.generation_params or {}))
             self._begin_turn(session, body)
+            gen_request = self.generation_request(session, params, request_id)
         except ChatStreamError as exc:
             return JSONResponse(exc.to_dict(), status_code=exc.status)
         if session.id is not None:
@@ -506,8 +531,27 @@ class ChatStream:
                 request, callback, request_id, FinishedReason.CLIENT_DISCONNECTED_BEFORE_STREAMING, started_at
             )
             raise
+        try:
+            deltas = self.start_generation(gen_request)
+        except Exception as exc:
+            self.admission.release()
+            self._active_sessions.discard(session.id or "")
+            error = ChatStreamError(500, "engine_error", f"generation could not start: {exc}")
+            if isinstance(exc, ChatStreamError):
+                error = exc
+            else:
+                self.logger.exception("request %s: generation could not start", request_id)
+            await self._finished(
+                request,
+                callback,
+                request_id,
+                FinishedReason.UNKNOWN_ERROR_OCCURRED,
+                started_at,
+                error=error.message,
+            )
+            return JSONResponse(error.to_dict(), status_code=error.status)
         response = ChatStreamingResponse(
-            self._stream_body(request, session, params, request_id, callback, started_at),
+            self._stream_body(request, session, deltas, request_id, callback, started_at),
             media_type="text/plain; charset=utf-8",
             headers={"X-Message-Id": session.prompt.get_contents()[-1].id, "Cache-Control": "no-cache"},
         )
@@ -518,7 +562,7 @@ class ChatStream:
         self,
         request: Request,
         session: ChatSession,
-        params: GenerationParams,
+        deltas: AsyncGenerator[TextDelta, None],
         request_id: str,
         callback: Callable[[Request, str], Any] | None,
         started_at: float,
@@ -529,7 +573,7 @@ class ChatStream:
         streamed = False
         text = ""
         try:
-            async for delta in self.stream_answer(session, params, request_id):
+            async for delta in self.stream_answer(session, deltas):
                 text += delta
                 streamed = True
                 # The documented wire format sends the whole answer so far in every chunk.
@@ -658,11 +702,11 @@ class ChatStream:
             self._console_prompt = self.new_prompt()
         session = ChatSession(None, self._console_prompt)
         self._begin_turn(session, ChatStreamRequestBody(user_input=user_input))
-        params = self.generation_params()
+        gen_request = self.generation_request(session, self.generation_params())
         await self.admit()
         try:
             text = ""
-            async for delta in self.stream_answer(session, params, uuid.uuid4().hex):
+            async for delta in self.stream_answer(session, self.start_generation(gen_request)):
                 text += delta
                 yield text
         finally:

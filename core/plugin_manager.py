@@ -40,6 +40,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "chatstream.plugins.processors.sampling",
     "chatstream.plugins.engines.mock",
     "chatstream.plugins.engines.transformers_engine",
+    "chatstream.plugins.engines.replay",
     "chatstream.plugins.handlers.simple_session",
     "chatstream.plugins.handlers.stateless",
     "chatstream.plugins.stores.memory",

@@ -8,6 +8,7 @@ Fixtures:
 - ``live_server``: context-manager factory that runs an app with uvicorn on a free loopback port
   and yields its base URL (for real streaming and disconnects).
 - ``tiny_model``: a tiny random Llama and its tokenizer (built in-process, no download).
+- ``replay_chatstream``: factory for a ``ChatStream`` that replays a recording (no model, no torch).
 """
 
 from __future__ import annotations
@@ -22,6 +23,19 @@ from typing import Any
 import pytest
 
 from .plugin_manager import BUILTIN_PLUGINS, LoadedPlugins, load_plugins, new_plugin_manager
+from .testing_replay import make_replay_chatstream, replay_chatstream
+
+__all__ = [
+    "chatstream_client",
+    "chatstream_plugins",
+    "isolated_plugins",
+    "live_server",
+    "make_replay_chatstream",
+    "mock_chatstream",
+    "replay_chatstream",
+    "run_live_server",
+    "tiny_model",
+]
 
 
 def isolated_plugins(

@@ -11,6 +11,13 @@ Per-request sampling goes through the logits pipeline built for the batch's curr
 Tokens travel to each request's asyncio queue with ``loop.call_soon_threadsafe`` (one call per
 step and event loop); the request's own coroutine detokenizes and applies stop strings, so the
 step loop does nothing per token but tensor work.
+
+Recording (``plugin_config.transformers.record_dir``): every request that finishes (EOS, a stop
+string or a length limit) is written to that directory in the format of
+:mod:`chatstream.recording`, for the ``replay`` engine to serve without the model. The step loop
+only keeps each recorded row's sampled token and its top ``record_top_logits`` scores (default 5)
+per step; the request's coroutine keeps the streamed deltas and their timing, and a background
+thread writes the files when the request ends. Cancelled requests are not recorded.
 """
 
 from __future__ import annotations
@@ -19,14 +26,17 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import os
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from chatstream.detokenize import IncrementalDetokenizer, StopStringFilter
 from chatstream.hookspecs import hookimpl
+from chatstream.recording import GenerationRecord, RecordedDelta, RecordingWriter
 from chatstream.types import (
     EngineConfig,
     FinishReason,
@@ -103,6 +113,8 @@ class _Row:
     queue: asyncio.Queue[Any]
     request_id: str = ""
     generator: Any = None
+    # When recording: per step (sampled token, top ids, top scores), appended by the step loop.
+    steps: list[tuple[int, list[int], list[float]]] | None = None
     cancelled: bool = False  # set by the consumer; the step loop drops the row at its next step
     done: bool = False  # set by the step loop once the row left the batch
 
@@ -159,6 +171,7 @@ class TransformersEngine:
         self._prefill_kwargs: dict[str, Any] = {}
         self._batchable = True
         self._eos: Any = None
+        self._recorder, self._record_top = _recording_options(config.options)
         # Observability (read from other threads; written only by the step loop).
         self.active_rows = 0
         self.waiting_rows = 0
@@ -192,6 +205,7 @@ class TransformersEngine:
     def _prepare(self) -> None:
         """Device, EOS ids, context length and forward options, worked out once."""
         import torch
+
         from chatstream.models import resolve_device
 
         model = self.model
@@ -210,6 +224,10 @@ class TransformersEngine:
         if "logits_to_keep" in inspect.signature(model.forward).parameters:
             self._prefill_kwargs["logits_to_keep"] = 1
         self._batchable = _cache_is_mergeable(model)
+        if self._recorder is not None:
+            self._recorder.write_manifest(
+                model=_model_name(model, self.config), engine=ENGINE_NAME, tokenizer=self.tokenizer
+            )
         if not self._batchable:
             log.warning(
                 "%s uses a KV cache that cannot be padded and merged (sliding window or recurrent "
@@ -225,6 +243,13 @@ class TransformersEngine:
         self._stopping.set()
         self._incoming.put(None)
         await asyncio.to_thread(thread.join)
+        if self._recorder is not None:
+            await asyncio.to_thread(self._recorder.close)
+
+    @property
+    def recorder(self) -> RecordingWriter | None:
+        """The writer of recorded generations (``record_dir``), or None when not recording."""
+        return self._recorder
 
     # -- public helpers ----------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool | None = None) -> list[int]:
@@ -242,7 +267,9 @@ class TransformersEngine:
         return len(self.encode(text))
 
     # -- generation --------------------------------------------------------------------------------
-    def _submit(self, prompt_ids: list[int], params: GenerationParams, request_id: str) -> _Row:
+    def _submit(
+        self, prompt_ids: list[int], params: GenerationParams, request_id: str, record: bool = False
+    ) -> _Row:
         if self._thread is None:
             raise RuntimeError("the engine is not running: await engine.start() first")
         if not prompt_ids:
@@ -260,6 +287,7 @@ class TransformersEngine:
             queue=asyncio.Queue(),
             request_id=request_id,
             generator=None if params.seed is None else self._make_generator(params.seed, self.device),
+            steps=[] if record else None,
         )
         self._incoming.put(row)
         return row
@@ -293,11 +321,14 @@ class TransformersEngine:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TextDelta]:
         """Stream detokenized, stop-filtered text; the last delta carries the finish reason."""
+        started = time.monotonic()
         prompt_ids = self.encode(request.prompt, request.add_special_tokens)
-        row = self._submit(prompt_ids, request.params, request.request_id)
+        recording = self._recorder is not None
+        row = self._submit(prompt_ids, request.params, request.request_id, record=recording)
         detokenizer = IncrementalDetokenizer(self.tokenizer, context=prompt_ids)
         stops = StopStringFilter(request.stop)
         tokens = 0
+        deltas: list[RecordedDelta] = []
         try:
             while True:
                 items = await _next_items(row.queue)
@@ -318,13 +349,62 @@ class TransformersEngine:
                     if not stops.stopped:
                         parts.append(stops.feed(detokenizer.flush()))
                         parts.append(stops.flush())
-                    yield TextDelta("".join(parts), tokens=tokens, finish_reason=reason)
+                    text = "".join(parts)
+                    if recording and reason in (FinishReason.STOP, FinishReason.LENGTH):
+                        deltas.append(RecordedDelta(text, tokens, time.monotonic() - started, reason.value))
+                        # EOS is a sampled step the consumer never sees as a token.
+                        ended_on_eos = reason == FinishReason.STOP and not stops.stopped
+                        self._record(request, prompt_ids, row, deltas, tokens + int(ended_on_eos), tokens)
+                    yield TextDelta(text, tokens=tokens, finish_reason=reason)
                     return
                 text = "".join(parts)
                 if text:
+                    if recording:
+                        deltas.append(RecordedDelta(text, tokens, time.monotonic() - started))
                     yield TextDelta(text, tokens=tokens)
         finally:
             self._cancel(row)
+
+    def _effective_add_special_tokens(self, request: GenerationRequest) -> bool | None:
+        if request.add_special_tokens is not None:
+            return request.add_special_tokens
+        return self.config.add_special_tokens
+
+    def _record(
+        self,
+        request: GenerationRequest,
+        prompt_ids: list[int],
+        row: _Row,
+        deltas: list[RecordedDelta],
+        steps: int,
+        output_tokens: int,
+    ) -> None:
+        """Hand a finished request to the writer thread, which writes its files."""
+        assert self._recorder is not None and row.steps is not None
+        # The step loop may still append steps of a row cut by a stop string: copy what counts.
+        taken = row.steps[:steps]
+        token_ids = [step[0] for step in taken]
+        record = GenerationRecord(
+            prompt=request.prompt,
+            params=request.params.model_dump(mode="json"),
+            deltas=list(deltas),
+            finish_reason=deltas[-1].finish_reason or FinishReason.STOP.value,
+            stop=[s for s in request.stop if s],
+            add_special_tokens=self._effective_add_special_tokens(request),
+            prompt_token_ids=list(prompt_ids),
+            token_ids=token_ids,
+            top_logits=len(taken[0][1]) if taken else 0,
+            engine=ENGINE_NAME,
+            model=_model_name(self.model, self.config),
+            request_id=request.request_id,
+        )
+        # One decode per finished request, here: the tokenizer is not shared with another thread.
+        record.decoded = self.tokenizer.decode(
+            token_ids[:output_tokens], skip_special_tokens=False, clean_up_tokenization_spaces=False
+        )
+        top_ids = [step[1] for step in taken] if record.top_logits else None
+        top_values = [step[2] for step in taken] if record.top_logits else None
+        self._recorder.submit(record, top_ids, top_values)
 
     # -- the step loop (background thread) ---------------------------------------------------------
     def _run(self) -> None:
@@ -405,7 +485,28 @@ class TransformersEngine:
     ) -> torch.Tensor:
         for processor in processors:
             scores = processor(history, scores)
-        return self._sample(scores, [row.info for row in rows], generators if any(generators) else None)
+        tokens: torch.Tensor = self._sample(
+            scores, [row.info for row in rows], generators if any(generators) else None
+        )
+        if self._recorder is not None:
+            self._keep_steps(rows, scores, tokens)
+        return tokens
+
+    def _keep_steps(self, rows: Sequence[_Row], scores: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Append each recorded row's sampled token and top scores (two small copies per step)."""
+        import torch
+
+        k = min(self._record_top, scores.shape[-1])
+        if k:
+            values, ids = scores.topk(k, dim=-1)
+            id_rows = torch.cat([tokens[:, None], ids], dim=1).tolist()
+            value_rows = values.float().tolist()
+        else:
+            id_rows = tokens[:, None].tolist()
+            value_rows = [[] for _ in rows]
+        for row, row_ids, row_values in zip(rows, id_rows, value_rows, strict=True):
+            if row.steps is not None:
+                row.steps.append((row_ids[0], row_ids[1:], row_values))
 
     def _admit(self, batch: _Batch | None, rows: list[_Row]) -> _Batch | None:
         """Prefill newcomers in one left-padded forward pass, emit their first token, join them."""
@@ -597,8 +698,42 @@ def _eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
     return found
 
 
-def create_engine(config: EngineConfig) -> TransformersEngine:
-    """The engine factory registered as ``transformers``."""
+def _recording_options(options: dict[str, Any]) -> tuple[RecordingWriter | None, int]:
+    """``(writer or None, top scores per step)`` from the ``record_dir``/``record_top_logits`` options."""
+    directory = options.get("record_dir")
+    top = options.get("record_top_logits", 5)
+    if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 1000:
+        raise ValueError(
+            f"plugin_config.transformers.record_top_logits={top!r} is invalid: use an integer from 0 to 1000"
+        )
+    if directory in (None, ""):
+        return None, top
+    if not isinstance(directory, (str, os.PathLike)):
+        raise ValueError(
+            f"plugin_config.transformers.record_dir={directory!r} is invalid: use a directory path"
+        )
+    return RecordingWriter(directory), top
+
+
+def _model_name(model: Any, config: EngineConfig) -> str:
+    name = (
+        config.model_path
+        or getattr(model, "name_or_path", None)
+        or getattr(getattr(model, "config", None), "name_or_path", None)
+    )
+    return str(name) if name else type(model).__name__
+
+
+def create_engine(config: EngineConfig) -> Any:
+    """The engine factory registered as ``transformers``.
+
+    A ``MockTransformer`` model stand-in (:mod:`chatstream.mock_transformer`) gets the ``replay``
+    engine instead, so switching a ChatStream to recorded answers is a one-line change.
+    """
+    from chatstream.mock_transformer import MockModel
+
+    if isinstance(config.model, MockModel):
+        return config.model.mock.create_engine(config)
     return TransformersEngine(config)
 
 
