@@ -1,4 +1,4 @@
-"""Record generations of a tiny model, then replay them byte for byte with no model (issue 9)."""
+"""Record generations of a tiny model, then replay them byte for byte with no model."""
 
 from __future__ import annotations
 
