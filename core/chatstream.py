@@ -13,6 +13,7 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import anyio
@@ -87,6 +88,22 @@ class ChatStreamError(Exception):
 
 class ClientDisconnected(Exception):
     """The client went away before its request got a slot."""
+
+
+@dataclass
+class GenerationStats:
+    """What a finished request reports: tokens generated, when the first came, how it ended."""
+
+    tokens: int = 0
+    first_token_at: float | None = None
+    finish_reason: str | None = None
+
+    def update(self, delta: TextDelta) -> None:
+        if delta.tokens and self.first_token_at is None:
+            self.first_token_at = time.monotonic()
+        self.tokens = max(self.tokens, delta.tokens)
+        if delta.finish_reason is not None:
+            self.finish_reason = delta.finish_reason.value
 
 
 class ChatStreamRequestBody(BaseModel):
@@ -450,11 +467,15 @@ class ChatStream:
             raise
 
     async def stream_answer(
-        self, session: ChatSession, deltas: AsyncGenerator[TextDelta, None]
+        self,
+        session: ChatSession,
+        deltas: AsyncGenerator[TextDelta, None],
+        stats: GenerationStats | None = None,
     ) -> AsyncIterator[str]:
         """Stream the pending answer of ``session`` from the engine's ``deltas`` (a slot must be held).
 
-        The answer (complete, or partial if the consumer stops early) is written into the prompt.
+        The answer (complete, or partial if the consumer stops early) is written into the prompt;
+        ``stats`` (if given) is updated as tokens arrive.
         """
         prompt = session.prompt
         answer = ""
@@ -462,6 +483,8 @@ class ChatStream:
         try:
             async with contextlib.aclosing(deltas):
                 async for delta in deltas:
+                    if stats is not None:
+                        stats.update(delta)
                     shown = replacer.feed(delta.text) if delta.text else ""
                     if shown:
                         answer += shown
@@ -523,11 +546,13 @@ class ChatStream:
             await self.admit(request)
         except TooManyRequests as exc:
             self._active_sessions.discard(session.id or "")
-            await self._finished(request, callback, request_id, FinishedReason.TOO_MANY_REQUESTS, started_at)
+            await self.report_finished(
+                request, callback, request_id, FinishedReason.TOO_MANY_REQUESTS, started_at
+            )
             return self._too_many_requests_response(exc)
         except (ClientDisconnected, asyncio.CancelledError):
             self._active_sessions.discard(session.id or "")
-            await self._finished(
+            await self.report_finished(
                 request, callback, request_id, FinishedReason.CLIENT_DISCONNECTED_BEFORE_STREAMING, started_at
             )
             raise
@@ -541,7 +566,7 @@ class ChatStream:
                 error = exc
             else:
                 self.logger.exception("request %s: generation could not start", request_id)
-            await self._finished(
+            await self.report_finished(
                 request,
                 callback,
                 request_id,
@@ -572,8 +597,9 @@ class ChatStream:
         stream_format = request.query_params.get("format", self.settings.stream_format)
         streamed = False
         text = ""
+        stats = GenerationStats()
         try:
-            async for delta in self.stream_answer(session, deltas):
+            async for delta in self.stream_answer(session, deltas, stats):
                 text += delta
                 streamed = True
                 # The documented wire format sends the whole answer so far in every chunk.
@@ -599,7 +625,9 @@ class ChatStream:
                     self.logger.exception("request %s: the conversation could not be saved", request_id)
                 finally:
                     self._active_sessions.discard(session.id or "")
-                    await self._finished(request, callback, request_id, reason, started_at, error=error)
+                    await self.report_finished(
+                        request, callback, request_id, reason, started_at, error=error, stats=stats
+                    )
 
     async def _parse_body(
         self, request: Request, body: dict[str, Any] | str | bytes | None
@@ -665,7 +693,7 @@ class ChatStream:
             return JSONResponse(body, status_code=429, headers={"Retry-After": str(exc.retry_after)})
         return JSONResponse(body, status_code=200)
 
-    async def _finished(
+    async def report_finished(
         self,
         request: Request | None,
         callback: Callable[[Request, str], Any] | None,
@@ -673,8 +701,19 @@ class ChatStream:
         reason: FinishedReason,
         started_at: float,
         error: str | None = None,
+        stats: GenerationStats | None = None,
+        transport: str = "chat_stream",
     ) -> None:
-        info = {"duration_s": time.monotonic() - started_at, "error": error}
+        """Tell the callback and the ``on_request_finished`` hook how a request ended."""
+        stats = stats or GenerationStats()
+        info = {
+            "duration_s": time.monotonic() - started_at,
+            "error": error,
+            "tokens": stats.tokens,
+            "ttft_s": None if stats.first_token_at is None else stats.first_token_at - started_at,
+            "finish_reason": stats.finish_reason,
+            "transport": transport,
+        }
         try:
             if callback is not None:
                 result = callback(request, reason.value)  # type: ignore[arg-type]
@@ -726,4 +765,4 @@ class ChatStreamingResponse(StreamingResponse):
                     await closer()
 
 
-__all__ = ["ChatStream", "ChatStreamError", "ChatStreamRequestBody", "SessionConflict"]
+__all__ = ["ChatStream", "ChatStreamError", "ChatStreamRequestBody", "GenerationStats", "SessionConflict"]
