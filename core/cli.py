@@ -133,17 +133,27 @@ def plugins(as_json: bool) -> None:
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def prompts(as_json: bool) -> None:
-    """List prompt formats and the plugin that provides each."""
+@click.option("--model", help="Say which format this model id or path gets (default: the configured model).")
+def prompts(as_json: bool, model: str | None) -> None:
+    """List prompt formats, the plugin that provides each, and the one the model gets."""
+    from .models import EMBEDDED_MODEL_ID
     from .plugin_manager import get_plugin_manager
-    from .prompt_formats import describe_prompt_formats, prompt_format_registry
+    from .prompt_formats import describe_prompt_formats, prompt_format_registry, select_prompt_format
 
-    rows = describe_prompt_formats(prompt_format_registry(get_plugin_manager()))
+    settings = _settings_from_cli(None)
+    formats = prompt_format_registry(get_plugin_manager())
+    rows = describe_prompt_formats(formats)
+    model_id = model or settings.model or EMBEDDED_MODEL_ID
+    chosen, reason = select_prompt_format(formats, name=settings.prompt_format, model_id=model_id)
     if as_json:
-        click.echo(json.dumps([row._asdict() for row in rows], indent=2))
+        click.echo(
+            json.dumps([row._asdict() | {"selected": row.name == chosen.name} for row in rows], indent=2)
+        )
         return
     for row in rows:
-        click.echo(f"{row.name}  [{row.plugin}]  {row.description}")
+        marker = "*" if row.name == chosen.name else " "
+        click.echo(f"{marker} {row.name}  [{row.plugin}]  {row.description}")
+    click.echo(f"\n* selected for {model_id}: {chosen.name} ({reason})")
 
 
 def main(argv: list[str] | None = None) -> None:

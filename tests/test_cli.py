@@ -52,6 +52,9 @@ def test_prompts_lists_formats_with_their_plugin() -> None:
     rows = {row["name"]: row for row in json.loads(result.stdout)}
     assert rows["llama2"]["plugin"] == "chatstream.plugins.prompts.llama2"
     assert {"chatml", "llama3", "rakutenai", "karasu", "nekomata", "hf"} <= set(rows)
+    assert [name for name, row in rows.items() if row["selected"]] == ["chatml"]  # the embedded SmolLM2
+    llama = run("prompts", "--model", "meta-llama/Llama-2-7b-chat-hf")
+    assert "selected for meta-llama/Llama-2-7b-chat-hf: llama2" in llama.stdout
 
 
 def test_bad_setting_is_a_usage_error_naming_it() -> None:
