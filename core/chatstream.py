@@ -146,6 +146,7 @@ class ChatStream:
     """
 
     _explicit: set[str]  # constructor arguments the caller passed (set by _remember_explicit)
+    draining = False  # set by drain()/close(): new requests are refused, /ready says "draining"
 
     @_remember_explicit
     def __init__(
@@ -314,8 +315,28 @@ class ChatStream:
         """Kept for code written against the documented API; same as ``start()``."""
         await self.start()
 
+    async def drain(self, grace_s: float) -> bool:
+        """Stop admitting requests and wait up to ``grace_s`` seconds for those in progress or in
+        line to finish; True when all did. Graceful shutdown calls this before ``close()``."""
+        self.draining = True
+        self.admission.close()
+        deadline = time.monotonic() + max(0.0, grace_s)
+        while self.load.processing or self.load.waiting or self._active_sessions:
+            if time.monotonic() >= deadline:
+                load = self.load
+                self.logger.warning(
+                    "shutdown: %d generation(s) still running and %d waiting after %.1f s; stopping them",
+                    load.processing,
+                    load.waiting,
+                    grace_s,
+                )
+                return False
+            await asyncio.sleep(0.05)  # a shutdown path: polling keeps the hot path free of bookkeeping
+        return True
+
     async def close(self) -> None:
         """Stop admitting, close the engine and the store, run the ``shutdown`` hooks."""
+        self.draining = True
         self.admission.close()
         if self._started:
             await self.call_hook("shutdown", chatstream=self)
@@ -528,19 +549,18 @@ class ChatStream:
                 )
             body = await self._parse_body(request, request_body)
             session = await self.open_session(request)
+            if self.is_generating(session.id):
+                raise ChatStreamError(
+                    409,
+                    "session_busy",
+                    "this session is already generating an answer; wait for it or stop it",
+                )
             params = self.generation_params(session, **(body.generation_params or {}))
             self._begin_turn(session, body)
             gen_request = self.generation_request(session, params, request_id)
         except ChatStreamError as exc:
             return JSONResponse(exc.to_dict(), status_code=exc.status)
         if session.id is not None:
-            if session.id in self._active_sessions:
-                busy = ChatStreamError(
-                    409,
-                    "session_busy",
-                    "this session is already generating an answer; wait for it or stop it",
-                )
-                return JSONResponse(busy.to_dict(), status_code=409)
             self._active_sessions.add(session.id)
         try:
             await self.admit(request)
@@ -557,6 +577,10 @@ class ChatStream:
             )
             raise
         try:
+            if session.id is not None:
+                # Keep the question before the answer starts: a store that is down is a clear 503
+                # now, not a history silently lost after the answer was shown.
+                await self.save_session(request, session)
             deltas = self.start_generation(gen_request)
         except Exception as exc:
             self.admission.release()
@@ -680,6 +704,9 @@ class ChatStream:
             prompt.clear_last_responder_message()
             contents[-1].id = uuid.uuid4().hex
             return
+        contents = prompt.get_contents()
+        if contents and contents[-1].role == prompt.responder and contents[-1].message is None:
+            prompt.remove_last_requester_msg()  # a turn whose answer never came (the server stopped)
         if not body.user_input.strip():
             raise ChatStreamError(
                 422, "empty_input", "user_input is empty: send the message text", field="user_input"

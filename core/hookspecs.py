@@ -56,7 +56,7 @@ def register_session_stores(register: Any) -> None:
     """Contribute session stores (where conversations live). Called once when plugins load.
 
     Call ``register(name, factory)``; ``factory(options)`` returns a store. The
-    ``session.store`` setting picks one by name.
+    ``session_store`` setting picks one by name.
     """
 
 

@@ -44,6 +44,8 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "chatstream.plugins.handlers.simple_session",
     "chatstream.plugins.handlers.stateless",
     "chatstream.plugins.stores.memory",
+    "chatstream.plugins.stores.sqlite",
+    "chatstream.plugins.stores.redis",
     "chatstream.plugins.transports.fastapi",
 )
 

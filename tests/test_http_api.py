@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from fastapi import FastAPI
+from redis_server import redis_server_or_skip
 
 from chatstream import ChatStream
 from chatstream.app import create_app
@@ -40,6 +43,18 @@ SETTINGS: dict[str, Any] = {
 }
 
 
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+def store_settings(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """Settings for each session store; the session tests below run against all three."""
+    if request.param == "memory":
+        yield {"session_store": "memory"}
+    elif request.param == "sqlite":
+        yield {"session_store": "sqlite", "plugin_config": {"sqlite": {"path": str(tmp_path / "s.sqlite3")}}}
+    else:
+        with redis_server_or_skip(tmp_path) as server:
+            yield {"session_store": "redis", "plugin_config": {"redis": {"url": server.url}}}
+
+
 def make_app(mock_chatstream: Any, **options: Any) -> tuple[FastAPI, ChatStream]:
     from chatstream.settings import load_settings
 
@@ -63,9 +78,9 @@ async def history(client: httpx.AsyncClient) -> list[str | None]:
 
 
 async def test_two_sessions_keep_separate_multi_round_histories(
-    mock_chatstream: Any, live_server: Any
+    mock_chatstream: Any, live_server: Any, store_settings: dict[str, Any]
 ) -> None:
-    app, _ = make_app(mock_chatstream, mock_params={"type": "echo"})
+    app, _ = make_app(mock_chatstream, mock_params={"type": "echo"}, settings=store_settings)
     with live_server(app) as url:
         async with httpx.AsyncClient(base_url=url) as alice, httpx.AsyncClient(base_url=url) as bob:
             assert (await ask(alice, "I am Alice"))[:2] == (200, "I am Alice")
@@ -77,9 +92,11 @@ async def test_two_sessions_keep_separate_multi_round_histories(
             assert "I am Alice" in prompt and "Bob" not in prompt
 
 
-async def test_regenerate_replaces_the_last_answer(mock_chatstream: Any, live_server: Any) -> None:
+async def test_regenerate_replaces_the_last_answer(
+    mock_chatstream: Any, live_server: Any, store_settings: dict[str, Any]
+) -> None:
     texts = ["first answer", "second answer"]
-    app, _ = make_app(mock_chatstream, mock_params={"type": "round", "texts": texts})
+    app, _ = make_app(mock_chatstream, mock_params={"type": "round", "texts": texts}, settings=store_settings)
     with live_server(app) as url:
         async with httpx.AsyncClient(base_url=url) as client:
             _, answer, headers = await ask(client, "question")
@@ -90,8 +107,10 @@ async def test_regenerate_replaces_the_last_answer(mock_chatstream: Any, live_se
             assert await history(client) == ["question", "second answer"]
 
 
-async def test_clear_context_empties_the_history(mock_chatstream: Any, live_server: Any) -> None:
-    app, _ = make_app(mock_chatstream, mock_params={"type": "echo"})
+async def test_clear_context_empties_the_history(
+    mock_chatstream: Any, live_server: Any, store_settings: dict[str, Any]
+) -> None:
+    app, _ = make_app(mock_chatstream, mock_params={"type": "echo"}, settings=store_settings)
     with live_server(app) as url:
         async with httpx.AsyncClient(base_url=url) as client:
             await ask(client, "remember me")
@@ -101,8 +120,12 @@ async def test_clear_context_empties_the_history(mock_chatstream: Any, live_serv
             assert await history(client) == ["fresh start", "fresh start"]
 
 
-async def test_disconnect_mid_stream_keeps_the_partial_answer(mock_chatstream: Any, live_server: Any) -> None:
-    app, cs = make_app(mock_chatstream, mock_params={"type": "long", "time_per_token_sec": 0.03})
+async def test_disconnect_mid_stream_keeps_the_partial_answer(
+    mock_chatstream: Any, live_server: Any, store_settings: dict[str, Any]
+) -> None:
+    app, cs = make_app(
+        mock_chatstream, mock_params={"type": "long", "time_per_token_sec": 0.03}, settings=store_settings
+    )
     with live_server(app) as url:
         async with httpx.AsyncClient(base_url=url) as client:
             async with client.stream(
@@ -314,3 +337,37 @@ async def test_server_uses_a_prompt_format_from_an_installed_pack(
             await ask(client, "Hello there")
             prompt = (await client.get("/get_prompt", headers=ADMIN)).json()["prompt"]
     assert prompt.startswith("<human>: Hello there\n<bot>:")
+
+
+async def test_unreachable_session_store_is_a_clear_503(mock_chatstream: Any, chatstream_client: Any) -> None:
+    from chatstream.testing import free_port
+
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    redis_settings = {"session_store": "redis", "plugin_config": {"redis": {"url": dead, "timeout_s": 0.5}}}
+    app, _ = make_app(mock_chatstream, settings=redis_settings)
+    async with chatstream_client(app) as client:
+        chat = await client.post("/chat_stream", json={"user_input": "hello"})
+        clear = await client.post("/clear_context")
+    assert chat.status_code == 503 and chat.json()["error"] == "session_store_unavailable"
+    assert "plugin_config.redis.url" in chat.json()["message"]
+    assert clear.status_code == 503
+
+
+async def test_a_turn_whose_answer_never_came_is_dropped(mock_chatstream: Any, live_server: Any) -> None:
+    app, cs = make_app(mock_chatstream, mock_params={"type": "echo"})
+    with live_server(app) as url:
+        async with httpx.AsyncClient(base_url=url) as client:
+            await ask(client, "kept")
+            cookie = client.cookies.get("chatstream_session")
+            assert cookie is not None
+            session_id = cookie.split(".")[0]
+            record = await cs.session_store.load(session_id)
+            assert record is not None
+            # as if the server had stopped mid-answer after saving the question
+            record["prompt"]["contents"] += [
+                {"role": "user", "message": "orphan", "id": "u2"},
+                {"role": "assistant", "message": None, "id": "a2"},
+            ]
+            await cs.session_store.save(session_id, record)
+            await ask(client, "next")
+            assert await history(client) == ["kept", "kept", "next", "next"]
