@@ -1,4 +1,8 @@
-"""Throughput of the transformers engine under C concurrent streams vs plain ``model.generate``.
+"""Throughput of an engine under C concurrent streams vs its raw library.
+
+``--engine transformers`` (default) compares with plain ``model.generate``; ``--engine openvino``
+compares with OpenVINO GenAI itself (``LLMPipeline`` single stream, ``ContinuousBatchingPipeline``
+with the same C prompts at once).
 
 Runs in-process: for each concurrency C it streams C requests at once through the engine and
 reports aggregate tokens/s, time to first token and inter-token latency (p50/p95); in the same
@@ -7,6 +11,7 @@ lengths. EOS is masked on both sides so every request makes exactly ``--new-toke
 
     python bench/throughput.py                          # embedded SmolLM2 on CPU
     python bench/throughput.py --llama-config 1b --device cuda --concurrency 1,8,32,64
+    python bench/throughput.py --engine openvino [--inference-precision f32|bf16|default]
 """
 
 from __future__ import annotations
@@ -103,9 +108,7 @@ class StreamStats:
     gaps: list[float]
 
 
-async def run_engine(
-    engine: TransformersEngine, prompts: list[str], new_tokens: int
-) -> tuple[float, list[StreamStats]]:
+async def run_engine(engine: Any, prompts: list[str], new_tokens: int) -> tuple[float, list[StreamStats]]:
     params = GenerationParams(max_new_tokens=new_tokens, temperature=0)
 
     async def one(prompt: str, start: float) -> StreamStats:
@@ -149,7 +152,105 @@ def run_generate(
     return elapsed
 
 
+def print_row(c: int, served: float, raw: float, stats: list[StreamStats]) -> None:
+    ttfts = [s.ttft for s in stats]
+    gaps = [g for s in stats for g in s.gaps]
+    print(
+        f"{c:>3} {served:>12.1f} {raw:>16.1f} {served / raw:>6.2f} "
+        f"{percentile(ttfts, 50) * 1e3:>7.0f}ms {percentile(ttfts, 95) * 1e3:>7.0f}ms "
+        f"{percentile(gaps, 50) * 1e3:>6.0f}ms {percentile(gaps, 95) * 1e3:>6.0f}ms"
+    )
+
+
+async def main_openvino(args: argparse.Namespace) -> None:
+    """The ``openvino`` engine vs raw GenAI on the same prompts, EOS ignored on both sides."""
+    import openvino_genai
+
+    from chatstream.plugins.engines import openvino_engine
+
+    levels = [int(c) for c in args.concurrency.split(",")]
+    prompts_for = {c: [chatml(QUESTIONS[i % len(QUESTIONS)]) for i in range(c)] for c in levels}
+    options = {"inference_precision": args.inference_precision, "device": args.device or "CPU"}
+    build_config = openvino_engine.generation_config
+
+    def fixed_length(*a: Any) -> Any:
+        config = build_config(*a)
+        config.ignore_eos = True  # every request makes exactly --new-tokens tokens
+        return config
+
+    openvino_engine.generation_config = fixed_length
+    engine = openvino_engine.OpenVINOEngine(
+        EngineConfig(model_path=args.model, max_batch_size=max(levels), context_len=4096, options=options)
+    )
+    await engine.start()
+    engine.eos_token_ids = []  # an ignored EOS is an ordinary token here: stream and count it
+    path, device = str(engine.model_path), engine.options.device
+    properties = engine.options.properties()
+    print(
+        f"model: {path}; engine: openvino (GenAI {openvino_genai.__version__}); device: {device}; "
+        f"properties: {properties}; machine: {platform.machine()}; new tokens: {args.new_tokens}"
+    )
+
+    def raw_config() -> Any:
+        config = openvino_genai.GenerationConfig()
+        config.max_new_tokens = args.new_tokens
+        config.do_sample = False
+        config.ignore_eos = True
+        config.apply_chat_template = False
+        return config
+
+    llm = openvino_genai.LLMPipeline(path, device, **properties)
+    scheduler = openvino_genai.SchedulerConfig()
+    scheduler.cache_size = 1
+    scheduler.max_num_seqs = max(levels)
+    cb = openvino_genai.ContinuousBatchingPipeline(path, scheduler, device, properties)
+
+    def raw_cb(prompts: list[str]) -> float:
+        start = time.perf_counter()
+        results = cb.generate(prompts, [raw_config() for _ in prompts])
+        elapsed = time.perf_counter() - start
+        assert all(len(r.m_generation_ids) == 1 for r in results)
+        return len(prompts) * args.new_tokens / elapsed
+
+    def raw_llm(prompt: str) -> float:
+        start = time.perf_counter()
+        llm.generate(prompt, raw_config())
+        return args.new_tokens / (time.perf_counter() - start)
+
+    # Warm-up on every path.
+    await run_engine(engine, prompts_for[levels[0]][:1], 4)
+    raw_cb(prompts_for[levels[0]][:1])
+    raw_llm(prompts_for[levels[0]][0])
+    single_llm = raw_llm(prompts_for[levels[0]][0])
+    single_cb = raw_cb(prompts_for[levels[0]][:1])
+    print(
+        f"raw LLMPipeline single stream: {single_llm:.1f} tok/s; raw CB single stream: {single_cb:.1f} tok/s"
+    )
+    print(
+        f"{'C':>3} {'engine tok/s':>12} {'raw CB tok/s':>16} {'ratio':>6} "
+        f"{'TTFT p50':>9} {'TTFT p95':>9} {'ITL p50':>8} {'ITL p95':>8}"
+    )
+    results: dict[int, tuple[float, float]] = {}
+    for c in levels:
+        elapsed, stats = await run_engine(engine, prompts_for[c], args.new_tokens)
+        tokens = sum(s.tokens for s in stats)
+        assert tokens == c * args.new_tokens, (tokens, c)
+        served = tokens / elapsed
+        raw = raw_cb(prompts_for[c])
+        results[c] = (served, raw)
+        print_row(c, served, raw, stats)
+    await engine.close()
+    first, top = levels[0], levels[-1]
+    best_single = max(single_llm, single_cb)
+    print(f"engine C={first} vs best raw single stream: {results[first][0] / best_single:.2f}x")
+    print(f"engine C={top} vs raw CB with {top} prompts: {results[top][0] / results[top][1]:.2f}x")
+    print(f"engine C={top} vs engine C={first}: {results[top][0] / results[first][0]:.2f}x")
+
+
 async def main(args: argparse.Namespace) -> None:
+    if args.engine == "openvino":
+        await main_openvino(args)
+        return
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.llama_config:
         model, tokenizer = random_llama(args.llama_config, device)
@@ -223,6 +324,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", help="cpu, cuda or mps (default: cuda when available)")
     parser.add_argument("--concurrency", default="1,2,4,8", help="comma-separated C values (default 1,2,4,8)")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per request")
+    parser.add_argument("--engine", choices=["transformers", "openvino"], default="transformers")
+    parser.add_argument(
+        "--inference-precision",
+        default="f32",
+        choices=["f32", "bf16", "f16", "default"],
+        help="openvino only: OpenVINO inference precision (default f32)",
+    )
     return parser.parse_args(argv)
 
 

@@ -12,8 +12,8 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import anyio
@@ -476,23 +476,46 @@ class ChatStream:
             messages=prompt.messages(),
         )
 
-    def start_generation(self, gen_request: GenerationRequest) -> AsyncGenerator[TextDelta, None]:
-        """Ask the engine; an engine error that carries an HTTP ``status`` and ``code`` (a recording
-        that is missing, say) becomes a ``ChatStreamError`` before anything streams."""
+    async def start_generation(
+        self, gen_request: GenerationRequest, request: Request | None = None
+    ) -> AsyncGenerator[TextDelta, None]:
+        """Ask the engine and wait for its first delta, so that a request the engine refuses (a
+        prompt too long, a sampling option it cannot run, a recording that is missing) becomes a
+        ``ChatStreamError`` (4xx) before anything streams. Leaving clients raise ``ClientDisconnected``.
+        """
         try:
-            return self.engine.generate(gen_request)
+            deltas = self.engine.generate(gen_request)
         except Exception as exc:
-            status, code = getattr(exc, "status", None), getattr(exc, "code", None)
-            if isinstance(status, int) and isinstance(code, str):
-                raise ChatStreamError(status, code, str(exc)) from exc
+            raise _request_error(exc) from exc
+        first_step = asyncio.ensure_future(deltas.__anext__())
+        try:
+            while True:
+                done, _ = await asyncio.wait({first_step}, timeout=0.1)
+                if done:
+                    break
+                if request is not None and await request.is_disconnected():
+                    raise ClientDisconnected()
+            first: TextDelta | None = first_step.result()
+        except StopAsyncIteration:
+            first = None
+        except BaseException as exc:
+            if not first_step.done():
+                first_step.cancel()
+                with contextlib.suppress(BaseException):
+                    await first_step
+            with anyio.CancelScope(shield=True):
+                await deltas.aclose()
+            if isinstance(exc, Exception) and not isinstance(exc, ClientDisconnected):
+                raise _request_error(exc) from exc
             raise
+        return _resume(first, deltas)
 
     async def stream_answer(
         self,
         session: ChatSession,
         deltas: AsyncGenerator[TextDelta, None],
         stats: GenerationStats | None = None,
-    ) -> AsyncIterator[str]:
+    ) -> AsyncGenerator[str, None]:
         """Stream the pending answer of ``session`` from the engine's ``deltas`` (a slot must be held).
 
         The answer (complete, or partial if the consumer stops early) is written into the prompt;
@@ -581,7 +604,14 @@ class ChatStream:
                 # Keep the question before the answer starts: a store that is down is a clear 503
                 # now, not a history silently lost after the answer was shown.
                 await self.save_session(request, session)
-            deltas = self.start_generation(gen_request)
+            deltas = await self.start_generation(gen_request, request)
+        except ClientDisconnected:
+            self.admission.release()
+            self._active_sessions.discard(session.id or "")
+            await self.report_finished(
+                request, callback, request_id, FinishedReason.CLIENT_DISCONNECTED_BEFORE_STREAMING, started_at
+            )
+            raise
         except Exception as exc:
             self.admission.release()
             self._active_sessions.discard(session.id or "")
@@ -599,8 +629,12 @@ class ChatStream:
                 error=error.message,
             )
             return JSONResponse(error.to_dict(), status_code=error.status)
+        outcome = _Outcome()
         response = ChatStreamingResponse(
-            self._stream_body(request, session, deltas, request_id, callback, started_at),
+            self._stream_body(request, session, deltas, request_id, outcome),
+            finalizer=functools.partial(
+                self._finish_stream, request, session, deltas, request_id, callback, started_at, outcome
+            ),
             media_type="text/plain; charset=utf-8",
             headers={"X-Message-Id": session.prompt.get_contents()[-1].id, "Cache-Control": "no-cache"},
         )
@@ -613,45 +647,59 @@ class ChatStream:
         session: ChatSession,
         deltas: AsyncGenerator[TextDelta, None],
         request_id: str,
-        callback: Callable[[Request, str], Any] | None,
-        started_at: float,
+        outcome: _Outcome,
     ) -> AsyncIterator[bytes]:
-        reason = FinishedReason.SUCCESS
-        error: str | None = None
         stream_format = request.query_params.get("format", self.settings.stream_format)
-        streamed = False
         text = ""
-        stats = GenerationStats()
         try:
-            async for delta in self.stream_answer(session, deltas, stats):
-                text += delta
-                streamed = True
-                # The documented wire format sends the whole answer so far in every chunk.
-                yield (delta if stream_format == "delta" else text).encode()
+            async with contextlib.aclosing(self.stream_answer(session, deltas, outcome.stats)) as answer:
+                async for delta in answer:
+                    text += delta
+                    outcome.streamed = True
+                    # The documented wire format sends the whole answer so far in every chunk.
+                    yield (delta if stream_format == "delta" else text).encode()
+            outcome.reason = FinishedReason.SUCCESS
         except (asyncio.CancelledError, GeneratorExit):
-            reason = (
-                FinishedReason.CLIENT_DISCONNECTED_WHILE_STREAMING
-                if streamed
-                else FinishedReason.CLIENT_DISCONNECTED_BEFORE_STREAMING
-            )
+            if outcome.streamed:
+                outcome.reason = FinishedReason.CLIENT_DISCONNECTED_WHILE_STREAMING
             raise
         except Exception as exc:
-            reason = FinishedReason.UNKNOWN_ERROR_OCCURRED
-            error = f"{type(exc).__name__}: {exc}"
+            outcome.reason = FinishedReason.UNKNOWN_ERROR_OCCURRED
+            outcome.error = f"{type(exc).__name__}: {exc}"
             self.logger.exception("request %s failed", request_id)
+
+    async def _finish_stream(
+        self,
+        request: Request,
+        session: ChatSession,
+        deltas: AsyncGenerator[TextDelta, None],
+        request_id: str,
+        callback: Callable[[Request, str], Any] | None,
+        started_at: float,
+        outcome: _Outcome,
+    ) -> None:
+        """Run once per streamed response, whether or not its body ever started: the engine row and
+        the slot are freed, the conversation (possibly partial) saved, the end reported."""
+        try:
+            await deltas.aclose()
         finally:
             self.admission.release()
-            with anyio.CancelScope(shield=True):
-                try:
-                    if session.id is not None:
-                        await self.request_handler.save_session(request, session)
-                except Exception:
-                    self.logger.exception("request %s: the conversation could not be saved", request_id)
-                finally:
-                    self._active_sessions.discard(session.id or "")
-                    await self.report_finished(
-                        request, callback, request_id, reason, started_at, error=error, stats=stats
-                    )
+            try:
+                if session.id is not None:
+                    await self.request_handler.save_session(request, session)
+            except Exception:
+                self.logger.exception("request %s: the conversation could not be saved", request_id)
+            finally:
+                self._active_sessions.discard(session.id or "")
+                await self.report_finished(
+                    request,
+                    callback,
+                    request_id,
+                    outcome.reason,
+                    started_at,
+                    error=outcome.error,
+                    stats=outcome.stats,
+                )
 
     async def _parse_body(
         self, request: Request, body: dict[str, Any] | str | bytes | None
@@ -772,24 +820,71 @@ class ChatStream:
         await self.admit()
         try:
             text = ""
-            async for delta in self.stream_answer(session, self.start_generation(gen_request)):
+            async for delta in self.stream_answer(session, await self.start_generation(gen_request)):
                 text += delta
                 yield text
         finally:
             self.admission.release()
 
 
+def _request_error(exc: Exception) -> Exception:
+    """An engine's refusal as a ``ChatStreamError``: its own HTTP ``status``/``code`` when it has
+    them, 400 for a ``ValueError`` (the request cannot be served as asked); other errors unchanged."""
+    status, code = getattr(exc, "status", None), getattr(exc, "code", None)
+    if isinstance(exc, ChatStreamError):
+        return exc
+    if isinstance(status, int) and isinstance(code, str):
+        return ChatStreamError(status, code, str(exc))
+    if isinstance(exc, ValueError):
+        return ChatStreamError(400, "invalid_request", str(exc))
+    return exc
+
+
+async def _resume(
+    first: TextDelta | None, rest: AsyncGenerator[TextDelta, None]
+) -> AsyncGenerator[TextDelta, None]:
+    """The engine's deltas again, the first one (already awaited) included."""
+    async with contextlib.aclosing(rest):
+        if first is None:
+            return
+        yield first
+        async for delta in rest:
+            yield delta
+
+
+@dataclass
+class _Outcome:
+    """How a streamed response ended, filled in by its body and read by its finalizer."""
+
+    reason: FinishedReason = FinishedReason.CLIENT_DISCONNECTED_BEFORE_STREAMING
+    error: str | None = None
+    streamed: bool = False
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+
 class ChatStreamingResponse(StreamingResponse):
-    """A ``StreamingResponse`` that always closes its body iterator, so a vanished client frees its slot."""
+    """A ``StreamingResponse`` that always closes its body iterator and then runs ``finalizer``,
+    even when the client left before the body started, so a vanished client frees its slot."""
+
+    def __init__(
+        self, content: Any, *, finalizer: Callable[[], Awaitable[None]] | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(content, **kwargs)
+        self.finalizer = finalizer
 
     async def stream_response(self, send: Send) -> None:
         try:
             await super().stream_response(send)
         finally:
-            closer = getattr(self.body_iterator, "aclose", None)
-            if closer is not None:
-                with anyio.CancelScope(shield=True):
-                    await closer()
+            with anyio.CancelScope(shield=True):
+                closer = getattr(self.body_iterator, "aclose", None)
+                try:
+                    if closer is not None:
+                        await closer()
+                finally:
+                    if self.finalizer is not None:
+                        finalizer, self.finalizer = self.finalizer, None
+                        await finalizer()
 
 
 __all__ = ["ChatStream", "ChatStreamError", "ChatStreamRequestBody", "GenerationStats", "SessionConflict"]

@@ -65,21 +65,78 @@ def with_embedded_model_defaults(settings: Settings) -> Settings:
 @click.option("--concurrency", "num_of_concurrent_executions", type=int, help="Generations at once.")
 @click.option("--queue", "max_queue_size", type=int, help="Requests allowed to wait.")
 def serve(config: str | None, **cli_options: Any) -> None:
-    """Run the chat server (HTTP) with uvicorn."""
-    import uvicorn
+    """Run the chat server (HTTP) with uvicorn.
 
+    SIGTERM or Ctrl-C drains: new requests are refused (503) and /ready says "draining" while the
+    answers in progress get ``shutdown_grace_s`` seconds to finish; the rest are stopped, then the
+    process exits 0. A second signal stops at once.
+    """
     settings = _settings_from_cli(config, **cli_options)
     if "too_many_request_as_http_error" not in settings.model_fields_set:
         settings = settings.model_copy(update={"too_many_request_as_http_error": True})
     settings = with_embedded_model_defaults(settings)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    from chatstream.plugins.transports.ops import configure_logging
+
     from .app import create_app
 
+    configure_logging(settings.log_level, settings.log_format)
     try:
         app = create_app(settings)
     except (SettingsError, ValueError, KeyError) as exc:
         raise click.UsageError(str(exc)) from None
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    _run_draining_server(app, settings, settings.shutdown_grace_s, settings.log_format)
+
+
+# After the drain, what is left (answers past the grace period, requests finishing their last
+# bytes) gets this long before uvicorn cancels it.
+_AFTER_DRAIN_TIMEOUT_S = 2
+
+
+def _run_draining_server(app: Any, settings: Settings, grace_s: float, log_format: str) -> None:
+    """Run uvicorn, draining the ``ChatStream`` on the first SIGTERM/SIGINT while still listening."""
+    import uvicorn
+
+    cs = app.state.chatstream
+
+    class DrainingServer(uvicorn.Server):
+        """Keeps answering (503 for new requests, /ready "draining") while answers finish."""
+
+        loop: asyncio.AbstractEventLoop | None = None
+        drain_task: asyncio.Task[None] | None = None
+
+        async def serve(self, sockets: Any = None) -> None:
+            self.loop = asyncio.get_running_loop()
+            await super().serve(sockets)
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            # uvicorn's own handler would re-raise the signal after shutdown (exit status -15);
+            # a drained server exits 0.
+            if self.drain_task is None and self.loop is not None and not self.should_exit:
+                self.loop.call_soon_threadsafe(self._begin_drain)
+            elif self.should_exit:
+                self.force_exit = True
+            else:
+                self.should_exit = True
+
+        def _begin_drain(self) -> None:
+            if self.drain_task is None:
+                self.drain_task = asyncio.ensure_future(self._drain())
+
+        async def _drain(self) -> None:
+            logging.getLogger("chatstream").info("shutting down: draining for up to %.1f s", grace_s)
+            await cs.drain(grace_s)
+            self.should_exit = True
+
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=_AFTER_DRAIN_TIMEOUT_S,
+        # JSON logs: uvicorn's loggers go through the root handler instead of its own text config.
+        log_config=None if log_format == "json" else uvicorn.config.LOGGING_CONFIG,
+    )
+    DrainingServer(config).run()
 
 
 @cli.command()

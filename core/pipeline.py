@@ -114,6 +114,8 @@ def make_pipeline_builder(
             built.append(processor)
         return built
 
+    # Engines that cannot run arbitrary processors (OpenVINO GenAI) read the names and options.
+    build.steps = tuple((name, dict(options)) for name, _factory, options, _plugin in steps)  # type: ignore[attr-defined]
     return build
 
 

@@ -41,12 +41,16 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "chatstream.plugins.engines.mock",
     "chatstream.plugins.engines.transformers_engine",
     "chatstream.plugins.engines.replay",
+    "chatstream.plugins.engines.openvino_engine",
     "chatstream.plugins.handlers.simple_session",
     "chatstream.plugins.handlers.stateless",
     "chatstream.plugins.stores.memory",
     "chatstream.plugins.stores.sqlite",
     "chatstream.plugins.stores.redis",
     "chatstream.plugins.transports.fastapi",
+    "chatstream.plugins.transports.openai",
+    "chatstream.plugins.transports.webui",
+    "chatstream.plugins.transports.ops",
 )
 
 

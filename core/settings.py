@@ -150,8 +150,12 @@ class Settings(BaseSettings):
     # Server.
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    transports: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["fastapi"])
+    transports: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["fastapi", "openai", "webui", "ops"]
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"
+    shutdown_grace_s: float = Field(30.0, ge=0, description="time in-flight answers get to finish on SIGTERM")
 
     # Plugins.
     plugins: Annotated[list[str] | None, NoDecode] = Field(

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from chatstream.detokenize import REPLACEMENT_CHAR
 from chatstream.models import ModelNotFoundError, load_model_and_tokenizer
 from chatstream.plugin_manager import new_plugin_manager
