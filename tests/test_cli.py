@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import httpx
+import pytest
 
 from chatstream.testing import free_port
 
@@ -115,3 +116,18 @@ def test_serve_mock_streams_over_http_and_refuses_with_429() -> None:
             rest = "".join(pieces)
         assert (first + rest).startswith("This is sentence number 1 of a long mock answer")
         assert client.get("/get_load").json()["processing"] == 0
+
+
+def test_openai_client_streams_from_serve_mock() -> None:
+    openai = pytest.importorskip("openai", reason="pip install openai (a test extra)")
+    with serve("--mock", env={"CHATSTREAM_MOCK_PARAMS": '{"type": "echo"}'}) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+        stream = client.chat.completions.create(
+            model="mock", messages=[{"role": "user", "content": "stream me back"}], stream=True
+        )
+        text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+        page = httpx.get(f"{url}/")
+        metrics = httpx.get(f"{url}/metrics")
+    assert text == "stream me back"
+    assert page.status_code == 200 and "<html" in page.text.lower()
+    assert 'chatstream_requests_total{reason="success",transport="openai"} 1.0' in metrics.text
