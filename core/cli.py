@@ -52,7 +52,11 @@ EMBEDDED_MODEL_SAMPLING = {"temperature": 0.2, "top_p": 0.9}
 
 def with_embedded_model_defaults(settings: Settings) -> Settings:
     """Use the embedded model's recommended sampling unless the user chose values."""
-    if settings.model is not None or settings.use_mock_response or settings.engine != "transformers":
+    if (
+        settings.model is not None
+        or settings.use_mock_response
+        or settings.engine not in ("transformers", "openvino")
+    ):
         return settings
     update = {k: v for k, v in EMBEDDED_MODEL_SAMPLING.items() if k not in settings.model_fields_set}
     return settings.model_copy(update=update)
