@@ -146,11 +146,12 @@ class _PenaltyProcessor:
 
     name = ""
     default_include_prompt = False
+    default_method: PenaltyMethod = "subtractive"
 
     def __init__(
         self,
         penalty: float | Sequence[float | None] | None,
-        method: PenaltyMethod | Sequence[PenaltyMethod],
+        method: PenaltyMethod | Sequence[PenaltyMethod] | None = None,
         *,
         prompt_lens: Sequence[int] | None = None,
         include_prompt: bool | None = None,
@@ -161,7 +162,8 @@ class _PenaltyProcessor:
             rows = len(penalty)
         self.penalties: list[float | None] = _broadcast(penalty, rows, f"{self.name}_penalty")
         what = f"{self.name}_penalty_method"
-        self.methods: list[str] = _broadcast(method, rows or len(self.penalties), what)
+        chosen = self.default_method if method is None else method
+        self.methods: list[str] = _broadcast(chosen, rows or len(self.penalties), what)
         if len(self.methods) != len(self.penalties):
             raise ValueError(
                 f"{self.name}_penalty has {len(self.penalties)} values but "
@@ -265,19 +267,7 @@ class RepetitionPenaltyProcessor(_PenaltyProcessor):
 
     name = "repetition"
     default_include_prompt = True
-
-    def __init__(
-        self,
-        penalty: float | Sequence[float | None] | None,
-        method: PenaltyMethod | Sequence[PenaltyMethod] = "multiplicative",
-        *,
-        prompt_lens: Sequence[int] | None = None,
-        include_prompt: bool | None = None,
-        window: int | None = None,
-    ) -> None:
-        super().__init__(
-            penalty, method, prompt_lens=prompt_lens, include_prompt=include_prompt, window=window
-        )
+    default_method: PenaltyMethod = "multiplicative"
 
 
 class PresencePenaltyProcessor(_PenaltyProcessor):
@@ -285,19 +275,7 @@ class PresencePenaltyProcessor(_PenaltyProcessor):
 
     name = "presence"
     default_include_prompt = False
-
-    def __init__(
-        self,
-        penalty: float | Sequence[float | None] | None,
-        method: PenaltyMethod | Sequence[PenaltyMethod] = "subtractive",
-        *,
-        prompt_lens: Sequence[int] | None = None,
-        include_prompt: bool | None = None,
-        window: int | None = None,
-    ) -> None:
-        super().__init__(
-            penalty, method, prompt_lens=prompt_lens, include_prompt=include_prompt, window=window
-        )
+    default_method: PenaltyMethod = "subtractive"
 
 
 class FrequencyPenaltyProcessor(_PenaltyProcessor):
@@ -305,19 +283,7 @@ class FrequencyPenaltyProcessor(_PenaltyProcessor):
 
     name = "frequency"
     default_include_prompt = False
-
-    def __init__(
-        self,
-        penalty: float | Sequence[float | None] | None,
-        method: PenaltyMethod | Sequence[PenaltyMethod] = "subtractive",
-        *,
-        prompt_lens: Sequence[int] | None = None,
-        include_prompt: bool | None = None,
-        window: int | None = None,
-    ) -> None:
-        super().__init__(
-            penalty, method, prompt_lens=prompt_lens, include_prompt=include_prompt, window=window
-        )
+    default_method: PenaltyMethod = "subtractive"
 
     def _multiply(self, scores: torch.Tensor, counts: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
         import torch
