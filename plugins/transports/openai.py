@@ -1,17 +1,20 @@
-"""The OpenAI-compatible transport: ``POST /v1/chat/completions`` and ``GET /v1/models``.
+"""The OpenAI-compatible transport: ``POST /v1/chat/completions``, ``POST /v1/completions`` and
+``GET /v1/models``.
 
 Any OpenAI client (the official ``openai`` package, LangChain, curl) can talk to a chatstream
 server. The request's messages are rendered with the served model's own prompt format, the
 request waits in the same admission queue as ``/chat_stream`` requests, and the answer streams as
 server-sent events (``data: {...}`` chunks, then ``data: [DONE]``) or comes back whole.
+``/v1/completions`` continues a raw ``prompt`` string as it is (no prompt format), which is what
+another chatstream's ``upstream`` engine sends in its ``completions`` mode.
 
 Errors use OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, so clients raise
 their usual exceptions (``BadRequestError``, ``AuthenticationError``, ``RateLimitError``).
 
 Access: with no ``api_keys`` configured the endpoints are open (clients always send some key,
 which is then ignored). Once keys are configured, a caller needs a key whose role allows
-``chat_completions`` / ``models`` (``Authorization: Bearer <key>`` or ``X-API-Key``), unless the
-default role allows them.
+``chat_completions`` (both completion endpoints) / ``models`` (``Authorization: Bearer <key>`` or
+``X-API-Key``), unless the default role allows them.
 
 Options (``plugin_config.openai`` or ``install(app, cs, options)``):
 - ``model_id``: the model name the API reports (default: the ``model`` setting, ``mock`` for the
@@ -176,21 +179,89 @@ class ChatCompletionRequest(BaseModel):
     @field_validator("stop")
     @classmethod
     def _stop_strings(cls, value: Any) -> list[str]:
-        if value is None:
-            return []
-        stops = [value] if isinstance(value, str) else value
-        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-            raise ValueError("stop must be a string or a list of strings")
-        if any(not s for s in stops):
-            raise ValueError("stop strings must not be empty")
-        return list(stops)
+        return _stop_list(value)
+
+
+def _stop_list(value: Any) -> list[str]:
+    """``stop`` as a list of non-empty strings."""
+    if value is None:
+        return []
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise ValueError("stop must be a string or a list of strings")
+    if any(not s for s in stops):
+        raise ValueError("stop strings must not be empty")
+    return list(stops)
+
+
+class CompletionRequest(BaseModel):
+    """The body of ``POST /v1/completions``: a raw prompt continued as it is."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    prompt: Any = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+    stop: Any = Field(None, validate_default=True)
+    seed: int | None = None
+    n: int | None = None
+    best_of: int | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    repetition_penalty_method: Literal["multiplicative", "subtractive"] | None = None
+    user: str | None = None
+    # Accepted only with the value that means "off".
+    echo: bool | None = None
+    suffix: str | None = None
+    logprobs: int | None = None
+    logit_bias: dict[str, Any] | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, value: Any) -> list[str]:
+        return _stop_list(value)
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value: Any) -> str:
+        # A list of one string is what many clients send; several prompts would need n answers.
+        if isinstance(value, list) and len(value) == 1:
+            value = value[0]
+        if not isinstance(value, str):
+            raise ValueError("prompt must be one string (lists of prompts and token ids are not supported)")
+        if not value:
+            raise ValueError("prompt is empty: send the text to continue")
+        return value
 
 
 _UNSUPPORTED_HINT = "this server does not support it; leave it out"
 
 
-def _check_supported(body: ChatCompletionRequest) -> None:
+def _check_supported_text(body: CompletionRequest) -> None:
+    """Refuse ``/v1/completions`` features that this server cannot honour."""
+    for name in ("n", "best_of"):
+        value = getattr(body, name)
+        if value not in (None, 1):
+            raise OpenAIError(400, f"{name}={value}: only {name}=1 is supported", name)
+    for name in ("echo", "suffix", "logprobs", "logit_bias"):
+        if getattr(body, name):
+            raise OpenAIError(400, f"{name}: {_UNSUPPORTED_HINT}", name)
+    if body.stream_options is not None and not body.stream:
+        raise OpenAIError(400, "stream_options is only allowed with stream=true", "stream_options")
+
+
+def _check_supported(body: Any) -> None:
     """Refuse features that would change the answer but that this server cannot honour."""
+    if isinstance(body, CompletionRequest):
+        _check_supported_text(body)
+        return
     if body.n not in (None, 1):
         raise OpenAIError(400, f"n={body.n}: only n=1 is supported; send one request per completion", "n")
     if body.logprobs:
@@ -230,8 +301,10 @@ def _param_path(loc: tuple[int | str, ...]) -> str:
     return path
 
 
-async def parse_request(request: Request, max_body_bytes: int) -> ChatCompletionRequest:
-    """The request's body, or an ``OpenAIError`` that names the offending field."""
+async def parse_request(
+    request: Request, max_body_bytes: int, model: type[BaseModel] = ChatCompletionRequest
+) -> Any:
+    """The request's body as ``model``, or an ``OpenAIError`` that names the offending field."""
     raw = await request.body()
     if len(raw) > max_body_bytes:
         raise OpenAIError(
@@ -246,7 +319,7 @@ async def parse_request(request: Request, max_body_bytes: int) -> ChatCompletion
     if not isinstance(data, dict):
         raise OpenAIError(400, "the body must be a JSON object", None, "invalid_body")
     try:
-        body = ChatCompletionRequest.model_validate(data)
+        body = model.model_validate(data)
     except ValidationError as exc:
         error = exc.errors()[0]
         param = _param_path(tuple(error["loc"])) or None
@@ -289,15 +362,14 @@ def build_prompt(cs: ChatStream, messages: list[Message]) -> AbstractChatPrompt:
     return prompt
 
 
-def generation_params(cs: ChatStream, body: ChatCompletionRequest) -> GenerationParams:
+def generation_params(cs: ChatStream, body: ChatCompletionRequest | CompletionRequest) -> GenerationParams:
     """The request's parameters on top of the server's defaults, validated and clamped."""
-    length_name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    max_completion_tokens = getattr(body, "max_completion_tokens", None)  # chat only
+    length_name = "max_completion_tokens" if max_completion_tokens is not None else "max_tokens"
     overrides: dict[str, Any] = {
         "temperature": body.temperature,
         "top_p": body.top_p,
-        "max_new_tokens": body.max_completion_tokens
-        if body.max_completion_tokens is not None
-        else body.max_tokens,
+        "max_new_tokens": max_completion_tokens if max_completion_tokens is not None else body.max_tokens,
         "seed": body.seed,
         "top_k": body.top_k,
         "min_p": body.min_p,
@@ -366,14 +438,16 @@ class _Completion:
         gen_request: GenerationRequest,
         model_id: str,
         started_at: float,
+        text: bool = False,
     ) -> None:
+        self.text = text  # True: a /v1/completions answer (its own object names and choice shape)
         self.cs = cs
         self.request = request
         self.session = session
         self.gen_request = gen_request
         self.model_id = model_id
         self.started_at = started_at
-        self.id = f"chatcmpl-{gen_request.request_id}"
+        self.id = f"{'cmpl' if text else 'chatcmpl'}-{gen_request.request_id}"
         self.created = int(time.time())
         self.stats = GenerationStats()
 
@@ -396,12 +470,25 @@ class _Completion:
         return self.cs.engine.count_tokens(self.gen_request.prompt)
 
     def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
+        choice: dict[str, Any] = {
+            "index": 0,
+            "delta": delta,
+            "logprobs": None,
+            "finish_reason": finish_reason,
+        }
+        if self.text:
+            choice = {
+                "index": 0,
+                "text": delta.get("content", ""),
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
         chunk = {
             "id": self.id,
-            "object": "chat.completion.chunk",
+            "object": "text_completion" if self.text else "chat.completion.chunk",
             "created": self.created,
             "model": self.model_id,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+            "choices": [choice],
         }
         return _event(chunk)
 
@@ -413,7 +500,7 @@ class _Completion:
         error: str | None = None
         streamed = False
         try:
-            yield self._chunk({"role": "assistant", "content": ""})
+            yield self._chunk({"content": ""} if self.text else {"role": "assistant", "content": ""})
             # aclosing: when this generator is closed at a yield, the answer (and the engine row)
             # must be closed now, not whenever the garbage collector gets to it.
             async with contextlib.aclosing(self.cs.stream_answer(self.session, deltas, self.stats)) as answer:
@@ -422,9 +509,9 @@ class _Completion:
                     yield self._chunk({"content": text})
             yield self._chunk({}, _finish_reason(self.stats))
             if include_usage:
-                usage = {
+                usage: dict[str, Any] = {
                     "id": self.id,
-                    "object": "chat.completion.chunk",
+                    "object": "text_completion" if self.text else "chat.completion.chunk",
                     "created": self.created,
                     "model": self.model_id,
                     "choices": [],
@@ -483,20 +570,18 @@ class _Completion:
             return OpenAIError(500, f"generation failed: {error}", None, "engine_error").response()
         finally:
             await self.finish(reason, error)
+        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": _finish_reason(self.stats)}
+        if self.text:
+            choice["text"] = text
+        else:
+            choice["message"] = {"role": "assistant", "content": text}
         return JSONResponse(
             {
                 "id": self.id,
-                "object": "chat.completion",
+                "object": "text_completion" if self.text else "chat.completion",
                 "created": self.created,
                 "model": self.model_id,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": text},
-                        "logprobs": None,
-                        "finish_reason": _finish_reason(self.stats),
-                    }
-                ],
+                "choices": [choice],
                 "usage": _usage(self.prompt_tokens(), self.stats),
             }
         )
@@ -550,6 +635,40 @@ async def chat_completions(cs: ChatStream, request: Request, options: dict[str, 
             exc.status, exc.message.replace("max_new_tokens", "max_tokens"), param, exc.code
         ) from None
     gen_request.stop = [*gen_request.stop, *(s for s in body.stop if s not in gen_request.stop)]
+    return await _answer(cs, request, options, body, session, gen_request, started_at)
+
+
+async def text_completions(cs: ChatStream, request: Request, options: dict[str, Any]) -> Response:
+    """``POST /v1/completions``: the continuation of a raw prompt, streamed (SSE) or whole."""
+    if not cs.ready:
+        await cs.start()
+    started_at = time.monotonic()
+    body = await parse_request(
+        request, options.get("max_body_bytes", DEFAULT_MAX_BODY_BYTES), CompletionRequest
+    )
+    params = generation_params(cs, body)
+    # The session only collects the answer; the prompt is sent as the caller wrote it.
+    session = ChatSession(None, cs.new_prompt())
+    session.prompt.add_requester_msg(body.prompt)
+    session.prompt.add_responder_msg(None)
+    gen_request = GenerationRequest(
+        prompt=body.prompt, params=params, stop=list(body.stop), request_id=uuid.uuid4().hex
+    )
+    return await _answer(cs, request, options, body, session, gen_request, started_at, text=True)
+
+
+async def _answer(
+    cs: ChatStream,
+    request: Request,
+    options: dict[str, Any],
+    body: ChatCompletionRequest | CompletionRequest,
+    session: ChatSession,
+    gen_request: GenerationRequest,
+    started_at: float,
+    text: bool = False,
+) -> Response:
+    """Admit the request, start the engine and send the answer (shared by both completion endpoints)."""
+    request_id = gen_request.request_id
     try:
         await cs.admit(request)
     except TooManyRequests as exc:
@@ -573,7 +692,9 @@ async def chat_completions(cs: ChatStream, request: Request, options: dict[str, 
             transport=TRANSPORT,
         )
         raise
-    completion = _Completion(cs, request, session, gen_request, served_model_id(cs, options), started_at)
+    completion = _Completion(
+        cs, request, session, gen_request, served_model_id(cs, options), started_at, text=text
+    )
     try:
         deltas = await cs.start_generation(gen_request, request)
     except ClientDisconnected:
@@ -600,7 +721,7 @@ async def chat_completions(cs: ChatStream, request: Request, options: dict[str, 
 
 
 def install(app: FastAPI, cs: ChatStream, options: dict[str, Any] | None = None) -> None:
-    """Mount ``/v1/chat/completions``, ``/v1/models`` and ``/v1/models/{id}`` for ``cs`` on ``app``."""
+    """Mount ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models`` and ``/v1/models/{id}``."""
     options = dict(options or {})
     unknown = set(options) - set(OPTIONS)
     if unknown:
@@ -637,6 +758,15 @@ def install(app: FastAPI, cs: ChatStream, options: dict[str, Any] | None = None)
         except ChatStreamError as exc:
             return OpenAIError(exc.status, exc.message, exc.field, exc.code).response()
 
+    async def text_endpoint(request: Request) -> Response:
+        try:
+            check_access(request, "chat_completions")
+            return await text_completions(cs, request, options)
+        except OpenAIError as exc:
+            return exc.response()
+        except ChatStreamError as exc:
+            return OpenAIError(exc.status, exc.message, exc.field, exc.code).response()
+
     async def models_endpoint(request: Request) -> Response:
         try:
             check_access(request, "models")
@@ -660,9 +790,11 @@ def install(app: FastAPI, cs: ChatStream, options: dict[str, Any] | None = None)
         return JSONResponse(model_card(served))
 
     completions_endpoint.__doc__ = chat_completions.__doc__
+    text_endpoint.__doc__ = text_completions.__doc__
     models_endpoint.__doc__ = "GET: the served model, as an OpenAI model list."
     model_endpoint.__doc__ = "GET: the served model's card (404 for any other id)."
     app.add_api_route("/v1/chat/completions", completions_endpoint, methods=["POST"], name="chat_completions")
+    app.add_api_route("/v1/completions", text_endpoint, methods=["POST"], name="completions")
     app.add_api_route("/v1/models", models_endpoint, methods=["GET"], name="models")
     app.add_api_route("/v1/models/{model_id:path}", model_endpoint, methods=["GET"], name="model")
 
