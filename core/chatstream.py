@@ -474,6 +474,9 @@ class ChatStream:
             request_id=request_id or uuid.uuid4().hex,
             add_special_tokens=self._add_special_tokens(prompt),
             messages=prompt.messages(),
+            # What users (or earlier answers, or an API client's system message) wrote stays text
+            # for the tokenizer, whatever it holds.
+            literal_spans=[m["content"] for m in prompt.rendered_messages()],
         )
 
     async def start_generation(
@@ -714,7 +717,7 @@ class ChatStream:
         if isinstance(body, (bytes, str)):
             try:
                 body = json.loads(body) if body else {}
-            except (json.JSONDecodeError, UnicodeDecodeError):
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
                 raise ChatStreamError(
                     400, "invalid_json", 'the body must be JSON like {"user_input": "Hello"}'
                 ) from None

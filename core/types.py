@@ -27,7 +27,7 @@ class GenerationParams(BaseModel):
     subtractive ones are added to nothing (0.0 is neutral).
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     max_new_tokens: int = Field(256, ge=1, le=1_000_000)
     temperature: float = Field(1.0, ge=0.0, le=100.0)
@@ -93,6 +93,9 @@ class GenerationRequest:
     add_special_tokens: bool | None = None
     # The conversation as role/content dicts, for engines that render prompts themselves (upstream chat).
     messages: Sequence[dict[str, str]] | None = None
+    # Message contents, in prompt order, that must be tokenized as plain text: a special-token
+    # string typed by a user (``<|im_start|>``) never becomes a control token.
+    literal_spans: Sequence[str] = ()
 
 
 @runtime_checkable

@@ -40,7 +40,7 @@ class StatelessRequestHandler(AbstractRequestHandler):
         try:
             data = json.loads(await request.body() or b"{}")
             body = StatelessBody.model_validate(data if isinstance(data, dict) else {})
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             raise ChatStreamError(400, "invalid_json", "the body must be JSON") from None
         except ValidationError as exc:
             error = exc.errors()[0]

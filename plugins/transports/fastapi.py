@@ -48,7 +48,7 @@ async def parse_body(request: Request, model: type[M], max_bytes: int = MAX_BODY
         )
     try:
         data = json.loads(raw) if raw else {}
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise ChatStreamError(400, "invalid_json", "the body must be a JSON object") from None
     if not isinstance(data, dict):
         raise ChatStreamError(400, "invalid_body", "the body must be a JSON object")

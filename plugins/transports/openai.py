@@ -105,7 +105,7 @@ class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: Any = None
+    content: Any = Field(None, validate_default=True)
     name: str | None = None  # accepted for compatibility; prompt formats have no place for it
 
     @field_validator("content")
@@ -312,7 +312,7 @@ async def parse_request(
         )
     try:
         data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise OpenAIError(
             400, 'the body must be JSON like {"model": "...", "messages": [...]}', None, "invalid_json"
         ) from None
