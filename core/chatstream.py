@@ -608,7 +608,7 @@ class ChatStream:
                 # now, not a history silently lost after the answer was shown.
                 await self.save_session(request, session)
             deltas = await self.start_generation(gen_request, request)
-        except ClientDisconnected:
+        except (ClientDisconnected, asyncio.CancelledError):
             self.admission.release()
             self._active_sessions.discard(session.id or "")
             await self.report_finished(
