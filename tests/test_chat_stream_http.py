@@ -253,3 +253,40 @@ async def test_handle_console_input_keeps_history(mock_chatstream: Any) -> None:
     assert prompt is not None and prompt.get_turn() == 2
     assert prompt.create_prompt().endswith("USER: second\nBOT: second")
     await cs.close()
+
+
+async def test_client_gone_before_the_body_starts_still_frees_the_slot(mock_chatstream: Any) -> None:
+    from starlette.requests import Request as StarletteRequest
+
+    reasons: list[str] = []
+    cs = mock_chatstream(
+        chat_prompt_clazz=PlainPrompt, mock_params={"type": "long", "time_per_token_sec": 0.01}
+    )
+    body = b'{"user_input": "hello"}'
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "method": "POST",
+        "path": "/chat_stream",
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json")],
+    }
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop(0)
+        return {"type": "http.disconnect"}  # the client is already gone
+
+    response = await cs.handle_chat_stream_request(
+        StarletteRequest(scope, receive), callback=lambda req, msg: reasons.append(msg)
+    )
+    assert cs.load.processing == 1
+
+    async def send(message: dict[str, Any]) -> None:
+        await asyncio.sleep(0.05)  # the disconnect wins before the first body chunk
+
+    await response(scope, receive, send)
+    assert cs.load.processing == 0
+    assert reasons == ["client_disconnected_before_streaming"]
+    await cs.close()
