@@ -33,7 +33,7 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, Literal
 
 import anyio
@@ -749,23 +749,24 @@ def install(app: FastAPI, cs: ChatStream, options: dict[str, Any] | None = None)
             code = "invalid_api_key" if exc.status == 401 else "forbidden"
             raise OpenAIError(exc.status, exc.message, None, code) from None
 
-    async def completions_endpoint(request: Request) -> Response:
-        try:
-            check_access(request, "chat_completions")
-            return await chat_completions(cs, request, options)
-        except OpenAIError as exc:
-            return exc.response()
-        except ChatStreamError as exc:
-            return OpenAIError(exc.status, exc.message, exc.field, exc.code).response()
+    def generation_endpoint(
+        answer: Callable[[ChatStream, Request, dict[str, Any]], Awaitable[Response]],
+    ) -> Callable[[Request], Awaitable[Response]]:
+        """An endpoint that checks access, runs ``answer`` and turns errors into the OpenAI shape."""
 
-    async def text_endpoint(request: Request) -> Response:
-        try:
-            check_access(request, "chat_completions")
-            return await text_completions(cs, request, options)
-        except OpenAIError as exc:
-            return exc.response()
-        except ChatStreamError as exc:
-            return OpenAIError(exc.status, exc.message, exc.field, exc.code).response()
+        async def endpoint(request: Request) -> Response:
+            try:
+                check_access(request, "chat_completions")
+                return await answer(cs, request, options)
+            except OpenAIError as exc:
+                return exc.response()
+            except ChatStreamError as exc:
+                return OpenAIError(exc.status, exc.message, exc.field, exc.code).response()
+
+        return endpoint
+
+    completions_endpoint = generation_endpoint(chat_completions)
+    text_endpoint = generation_endpoint(text_completions)
 
     async def models_endpoint(request: Request) -> Response:
         try:
