@@ -124,3 +124,36 @@ class StopStringFilter:
             return ""
         held, self._held = self._held, ""
         return held
+
+
+class TokenTextStream:
+    """Token ids in, text a user may see out: :class:`IncrementalDetokenizer` followed by
+    :class:`StopStringFilter`, counting tokens. One per request; engines that sample token ids
+    feed it and wrap what it returns in ``TextDelta``.
+    """
+
+    def __init__(self, tokenizer: Any, prompt_ids: Sequence[int], stop: Iterable[str] = ()) -> None:
+        self._detokenizer = IncrementalDetokenizer(tokenizer, context=prompt_ids)
+        self._stops = StopStringFilter(stop)
+        self.tokens = 0
+
+    @property
+    def stopped(self) -> bool:
+        """True once a stop string was found; later tokens are neither counted nor shown."""
+        return self._stops.stopped
+
+    def add(self, token_ids: Iterable[int]) -> str:
+        """The text these new tokens make visible; stops at the token that completes a stop string."""
+        parts: list[str] = []
+        for token in token_ids:
+            if self._stops.stopped:
+                break
+            self.tokens += 1
+            parts.append(self._stops.feed(self._detokenizer.add(token)))
+        return "".join(parts)
+
+    def finish(self) -> str:
+        """At the end of generation: the text still held back (nothing after a stop string)."""
+        if self._stops.stopped:
+            return ""
+        return self._stops.feed(self._detokenizer.flush()) + self._stops.flush()

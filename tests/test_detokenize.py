@@ -105,3 +105,19 @@ def test_held_text_is_released_at_the_end() -> None:
     assert shown[0] == "done "
     assert "".join(shown) == "done <|im"
     assert not stops.stopped
+
+
+def test_token_text_stream_counts_tokens_and_stops_at_the_stop_string() -> None:
+    from chatstream.detokenize import TokenTextStream
+    from chatstream.testkit_models import make_tiny_tokenizer
+
+    tokenizer = make_tiny_tokenizer()
+    ids = tokenizer.encode("Hello world. STOP and more text", add_special_tokens=False)
+    stream = TokenTextStream(tokenizer, [], stop=["STOP"])
+    shown = "".join(stream.add([token]) for token in ids)
+    assert stream.stopped and shown + stream.finish() == "Hello world. "
+    assert 0 < stream.tokens < len(ids)  # tokens after the stop string are not consumed
+
+    plain = TokenTextStream(tokenizer, [], stop=["never"])
+    text = plain.add(ids) + plain.finish()
+    assert text == tokenizer.decode(ids) and plain.tokens == len(ids) and not plain.stopped

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from chatstream.detokenize import IncrementalDetokenizer, StopStringFilter
+from chatstream.detokenize import TokenTextStream
 from chatstream.hookspecs import hookimpl
 from chatstream.types import (
     EngineConfig,
@@ -477,9 +477,7 @@ class OpenVINOEngine:
         prompt_ids = self.encode(request.prompt, request.add_special_tokens)
         row = self._submit(prompt_ids, request.params)
         assert self.tokenizer is not None
-        detokenizer = IncrementalDetokenizer(self.tokenizer, context=prompt_ids)
-        stops = StopStringFilter(request.stop)
-        tokens = 0
+        stream = TokenTextStream(self.tokenizer, prompt_ids, request.stop)
         try:
             while True:
                 items = await _next_items(row.queue)
@@ -487,27 +485,21 @@ class OpenVINOEngine:
                 reason: FinishReason | None = None
                 for item in items:
                     if isinstance(item, list):
-                        for token in item:
-                            tokens += 1
-                            parts.append(stops.feed(detokenizer.add(token)))
-                            if stops.stopped:
-                                reason = FinishReason.STOP
-                                break
-                        if stops.stopped:
+                        parts.append(stream.add(item))
+                        if stream.stopped:
+                            reason = FinishReason.STOP
                             break
                     elif isinstance(item, FinishReason):
                         reason = item
                     else:
                         raise item
                 if reason is not None:
-                    if not stops.stopped:
-                        parts.append(stops.feed(detokenizer.flush()))
-                        parts.append(stops.flush())
-                    yield TextDelta("".join(parts), tokens, reason)
+                    parts.append(stream.finish())
+                    yield TextDelta("".join(parts), stream.tokens, reason)
                     return
                 text = "".join(parts)
                 if text:
-                    yield TextDelta(text, tokens)
+                    yield TextDelta(text, stream.tokens)
         finally:
             self._cancel(row)
 

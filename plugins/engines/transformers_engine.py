@@ -34,7 +34,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from chatstream.detokenize import IncrementalDetokenizer, StopStringFilter
+from chatstream.detokenize import TokenTextStream
 from chatstream.hookspecs import hookimpl
 from chatstream.recording import GenerationRecord, RecordedDelta, RecordingWriter
 from chatstream.types import (
@@ -343,9 +343,7 @@ class TransformersEngine:
         prompt_ids = self.encode(request.prompt, request.add_special_tokens, request.literal_spans)
         recording = self._recorder is not None
         row = self._submit(prompt_ids, request.params, request.request_id, record=recording)
-        detokenizer = IncrementalDetokenizer(self.tokenizer, context=prompt_ids)
-        stops = StopStringFilter(request.stop)
-        tokens = 0
+        stream = TokenTextStream(self.tokenizer, prompt_ids, request.stop)
         deltas: list[RecordedDelta] = []
         try:
             while True:
@@ -354,24 +352,22 @@ class TransformersEngine:
                 reason: FinishReason | None = None
                 for item in items:
                     if isinstance(item, int):
-                        tokens += 1
-                        parts.append(stops.feed(detokenizer.add(item)))
-                        if stops.stopped:
+                        parts.append(stream.add((item,)))
+                        if stream.stopped:
                             reason = FinishReason.STOP
                             break
                     elif isinstance(item, FinishReason):
                         reason = item
                     else:
                         raise item
+                tokens = stream.tokens
                 if reason is not None:
-                    if not stops.stopped:
-                        parts.append(stops.feed(detokenizer.flush()))
-                        parts.append(stops.flush())
+                    parts.append(stream.finish())
                     text = "".join(parts)
                     if recording and reason in (FinishReason.STOP, FinishReason.LENGTH):
                         deltas.append(RecordedDelta(text, tokens, time.monotonic() - started, reason.value))
                         # EOS is a sampled step the consumer never sees as a token.
-                        ended_on_eos = reason == FinishReason.STOP and not stops.stopped
+                        ended_on_eos = reason == FinishReason.STOP and not stream.stopped
                         self._record(request, prompt_ids, row, deltas, tokens + int(ended_on_eos), tokens)
                     yield TextDelta(text, tokens=tokens, finish_reason=reason)
                     return
