@@ -4,12 +4,19 @@
 compares with OpenVINO GenAI itself (``LLMPipeline`` single stream, ``ContinuousBatchingPipeline``
 with the same C prompts at once).
 
-Runs in-process: for each concurrency C it streams C requests at once through the engine and
-reports aggregate tokens/s, time to first token and inter-token latency (p50/p95); in the same
-run it times ``model.generate`` single-stream and as a static batch of C on the same prompts and
-lengths. EOS is masked on both sides so every request makes exactly ``--new-tokens`` tokens.
+For each concurrency C it streams C requests at once and reports aggregate tokens/s, time to
+first token and inter-token latency (p50/p95); in the same run it times ``model.generate``
+single-stream and as a static batch of C on the same prompts and lengths. EOS is masked on both
+sides so every request makes exactly ``--new-tokens`` tokens.
+
+By default the requests go straight to the engine, in-process. With ``--http`` the real server
+(the ``openai`` transport over the same engine, admission and streaming code as ``chatstream
+serve``) runs on a loopback port and C concurrent HTTP clients stream ``/v1/completions`` from a
+separate process, so the figures include HTTP, SSE and admission. There, inter-token latency is
+the gap between SSE chunks (one chunk per token unless a slow reader lets several pile up).
 
     python bench/throughput.py                          # embedded SmolLM2 on CPU
+    python bench/throughput.py --http                   # the same through the HTTP server
     python bench/throughput.py --llama-config 1b --device cuda --concurrency 1,8,32,64
     python bench/throughput.py --engine openvino [--inference-precision f32|bf16|default]
 """
@@ -18,10 +25,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
 import platform
+import sys
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -108,6 +118,9 @@ class StreamStats:
     gaps: list[float]
 
 
+Measure = Callable[[list[str], int], Awaitable[tuple[float, list[StreamStats]]]]
+
+
 async def run_engine(engine: Any, prompts: list[str], new_tokens: int) -> tuple[float, list[StreamStats]]:
     params = GenerationParams(max_new_tokens=new_tokens, temperature=0)
 
@@ -126,6 +139,100 @@ async def run_engine(engine: Any, prompts: list[str], new_tokens: int) -> tuple[
     start = time.perf_counter()
     stats = await asyncio.gather(*(one(p, start) for p in prompts))
     return time.perf_counter() - start, list(stats)
+
+
+async def stream_completion(client: Any, prompt: str, new_tokens: int, start: float) -> StreamStats:
+    """One streamed ``/v1/completions`` request, timed chunk by chunk; tokens from ``usage``."""
+    body = {
+        "prompt": prompt,
+        "max_tokens": new_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    tokens, first, last, gaps = 0, 0.0, start, []
+    chunks = 0
+    async with client.stream("POST", "/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[len("data: ") :])
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+            if not any(choice.get("text") for choice in event.get("choices", [])):
+                continue
+            now = time.perf_counter()
+            if chunks == 0:
+                first = now - start
+            else:
+                gaps.append(now - last)
+            chunks += 1
+            last = now
+    return StreamStats(tokens, first, gaps)
+
+
+async def http_clients(url: str, prompts: list[str], new_tokens: int) -> tuple[float, list[StreamStats]]:
+    """C concurrent streaming clients, all started at once (run in a process of their own)."""
+    import httpx
+
+    limits = httpx.Limits(max_connections=len(prompts), max_keepalive_connections=len(prompts))
+    async with httpx.AsyncClient(base_url=url, timeout=None, limits=limits) as client:
+        start = time.perf_counter()
+        stats = await asyncio.gather(*(stream_completion(client, p, new_tokens, start) for p in prompts))
+    return time.perf_counter() - start, list(stats)
+
+
+async def run_http(url: str, prompts: list[str], new_tokens: int) -> tuple[float, list[StreamStats]]:
+    """Run the clients in a child process, so their work does not share the server's interpreter."""
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        __file__,
+        "--client-of",
+        url,
+        "--new-tokens",
+        str(new_tokens),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await child.communicate(json.dumps(prompts).encode())
+    if child.returncode != 0:
+        raise RuntimeError(f"the HTTP clients failed (exit code {child.returncode})")
+    report = json.loads(out)
+    return report["elapsed"], [StreamStats(**s) for s in report["streams"]]
+
+
+@contextlib.asynccontextmanager
+async def measurer(engine: Any, args: argparse.Namespace, width: int) -> AsyncIterator[Measure]:
+    """``measure(prompts, new_tokens)``: in-process through ``engine``, or with ``--http`` through
+    the real server around it (slots = ``width``, nobody waits in line)."""
+    if not args.http:
+
+        async def direct(prompts: list[str], new_tokens: int) -> tuple[float, list[StreamStats]]:
+            return await run_engine(engine, prompts, new_tokens)
+
+        yield direct
+        return
+    from chatstream import ChatStream
+    from chatstream.app import create_app
+    from chatstream.settings import load_settings
+    from chatstream.testing import run_live_server
+
+    settings = load_settings(
+        num_of_concurrent_executions=width,
+        max_queue_size=width,
+        context_len=4096,
+        max_new_tokens=max(args.new_tokens, 4),
+        transports=["openai"],
+        log_level="warning",
+    )
+    app = create_app(chatstream=ChatStream(settings=settings, engine=engine))
+    with run_live_server(app) as url:
+
+        async def over_http(prompts: list[str], new_tokens: int) -> tuple[float, list[StreamStats]]:
+            return await run_http(url, prompts, new_tokens)
+
+        yield over_http
 
 
 def run_generate(
@@ -150,6 +257,26 @@ def run_generate(
     elapsed = time.perf_counter() - start
     assert out.shape[1] - batch["input_ids"].shape[1] == new_tokens
     return elapsed
+
+
+def served_tokens_per_s(elapsed: float, stats: list[StreamStats], c: int, new_tokens: int) -> float:
+    """Aggregate tokens/s of one run, after checking every stream made all its tokens."""
+    tokens = sum(s.tokens for s in stats)
+    if tokens != c * new_tokens:
+        raise RuntimeError(f"C={c}: streams made {tokens} tokens, expected {c * new_tokens}")
+    return tokens / elapsed
+
+
+def served_label(args: argparse.Namespace) -> str:
+    return "http" if args.http else "engine"
+
+
+def print_header(raw_label: str, http: bool) -> None:
+    served = "http tok/s" if http else "engine tok/s"
+    print(
+        f"{'C':>3} {served:>12} {raw_label:>16} {'ratio':>6} "
+        f"{'TTFT p50':>9} {'TTFT p95':>9} {'ITL p50':>8} {'ITL p95':>8}"
+    )
 
 
 def print_row(c: int, served: float, raw: float, stats: list[StreamStats]) -> None:
@@ -217,34 +344,32 @@ async def main_openvino(args: argparse.Namespace) -> None:
         llm.generate(prompt, raw_config())
         return args.new_tokens / (time.perf_counter() - start)
 
-    # Warm-up on every path.
-    await run_engine(engine, prompts_for[levels[0]][:1], 4)
-    raw_cb(prompts_for[levels[0]][:1])
-    raw_llm(prompts_for[levels[0]][0])
-    single_llm = raw_llm(prompts_for[levels[0]][0])
-    single_cb = raw_cb(prompts_for[levels[0]][:1])
-    print(
-        f"raw LLMPipeline single stream: {single_llm:.1f} tok/s; raw CB single stream: {single_cb:.1f} tok/s"
-    )
-    print(
-        f"{'C':>3} {'engine tok/s':>12} {'raw CB tok/s':>16} {'ratio':>6} "
-        f"{'TTFT p50':>9} {'TTFT p95':>9} {'ITL p50':>8} {'ITL p95':>8}"
-    )
     results: dict[int, tuple[float, float]] = {}
-    for c in levels:
-        elapsed, stats = await run_engine(engine, prompts_for[c], args.new_tokens)
-        tokens = sum(s.tokens for s in stats)
-        assert tokens == c * args.new_tokens, (tokens, c)
-        served = tokens / elapsed
-        raw = raw_cb(prompts_for[c])
-        results[c] = (served, raw)
-        print_row(c, served, raw, stats)
+    async with measurer(engine, args, max(levels)) as measure:
+        # Warm-up on every path.
+        await measure(prompts_for[levels[0]][:1], 4)
+        raw_cb(prompts_for[levels[0]][:1])
+        raw_llm(prompts_for[levels[0]][0])
+        single_llm = raw_llm(prompts_for[levels[0]][0])
+        single_cb = raw_cb(prompts_for[levels[0]][:1])
+        print(
+            f"raw LLMPipeline single stream: {single_llm:.1f} tok/s; "
+            f"raw CB single stream: {single_cb:.1f} tok/s"
+        )
+        print_header("raw CB tok/s", args.http)
+        for c in levels:
+            elapsed, stats = await measure(prompts_for[c], args.new_tokens)
+            served = served_tokens_per_s(elapsed, stats, c, args.new_tokens)
+            raw = raw_cb(prompts_for[c])
+            results[c] = (served, raw)
+            print_row(c, served, raw, stats)
     await engine.close()
     first, top = levels[0], levels[-1]
     best_single = max(single_llm, single_cb)
-    print(f"engine C={first} vs best raw single stream: {results[first][0] / best_single:.2f}x")
-    print(f"engine C={top} vs raw CB with {top} prompts: {results[top][0] / results[top][1]:.2f}x")
-    print(f"engine C={top} vs engine C={first}: {results[top][0] / results[first][0]:.2f}x")
+    label = served_label(args)
+    print(f"{label} C={first} vs best raw single stream: {results[first][0] / best_single:.2f}x")
+    print(f"{label} C={top} vs raw CB with {top} prompts: {results[top][0] / results[top][1]:.2f}x")
+    print(f"{served_label(args)} C={top} vs C={first}: {results[top][0] / results[first][0]:.2f}x")
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -278,39 +403,29 @@ async def main(args: argparse.Namespace) -> None:
         f"model: {label}; device: {device}; torch threads: {torch.get_num_threads()}; "
         f"machine: {platform.machine()} {platform.processor() or ''}; new tokens: {args.new_tokens}"
     )
-    # Warm-up (allocator, kernels) on both paths.
-    await run_engine(engine, prompts_for[levels[0]][:1], 4)
-    run_generate(model, tokenizer, prompts_for[levels[0]][:1], 4, eos)
-
-    raw_single = args.new_tokens / run_generate(
-        model, tokenizer, prompts_for[levels[0]][:1], args.new_tokens, eos
-    )
-    print(f"raw generate single stream: {raw_single:.1f} tok/s")
     results: dict[int, tuple[float, float]] = {}
-    header = (
-        f"{'C':>3} {'engine tok/s':>12} {'raw static tok/s':>16} {'ratio':>6} "
-        f"{'TTFT p50':>9} {'TTFT p95':>9} {'ITL p50':>8} {'ITL p95':>8}"
-    )
-    print(header)
-    for c in levels:
-        elapsed, stats = await run_engine(engine, prompts_for[c], args.new_tokens)
-        tokens = sum(s.tokens for s in stats)
-        assert tokens == c * args.new_tokens, (tokens, c)
-        served = tokens / elapsed
-        static = c * args.new_tokens / run_generate(model, tokenizer, prompts_for[c], args.new_tokens, eos)
-        results[c] = (served, static)
-        ttfts = [s.ttft for s in stats]
-        gaps = [g for s in stats for g in s.gaps]
-        print(
-            f"{c:>3} {served:>12.1f} {static:>16.1f} {served / static:>6.2f} "
-            f"{percentile(ttfts, 50) * 1e3:>7.0f}ms {percentile(ttfts, 95) * 1e3:>7.0f}ms "
-            f"{percentile(gaps, 50) * 1e3:>6.0f}ms {percentile(gaps, 95) * 1e3:>6.0f}ms"
+    async with measurer(engine, args, max(levels)) as measure:
+        # Warm-up (allocator, kernels) on both paths.
+        await measure(prompts_for[levels[0]][:1], 4)
+        run_generate(model, tokenizer, prompts_for[levels[0]][:1], 4, eos)
+
+        raw_single = args.new_tokens / run_generate(
+            model, tokenizer, prompts_for[levels[0]][:1], args.new_tokens, eos
         )
+        print(f"raw generate single stream: {raw_single:.1f} tok/s")
+        print_header("raw static tok/s", args.http)
+        for c in levels:
+            elapsed, stats = await measure(prompts_for[c], args.new_tokens)
+            served = served_tokens_per_s(elapsed, stats, c, args.new_tokens)
+            seconds = run_generate(model, tokenizer, prompts_for[c], args.new_tokens, eos)
+            static = c * args.new_tokens / seconds
+            results[c] = (served, static)
+            print_row(c, served, static, stats)
     await engine.close()
     first, top = levels[0], levels[-1]
-    print(f"engine C={first} vs raw single stream: {results[first][0] / raw_single:.2f}x")
-    print(f"engine C={top} vs raw static batch {top}: {results[top][0] / results[top][1]:.2f}x")
-    print(f"engine C={top} vs engine C={first}: {results[top][0] / results[first][0]:.2f}x")
+    print(f"{served_label(args)} C={first} vs raw single stream: {results[first][0] / raw_single:.2f}x")
+    print(f"{served_label(args)} C={top} vs raw static batch {top}: {results[top][0] / results[top][1]:.2f}x")
+    print(f"{served_label(args)} C={top} vs C={first}: {results[top][0] / results[first][0]:.2f}x")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -331,8 +446,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         choices=["f32", "bf16", "f16", "default"],
         help="openvino only: OpenVINO inference precision (default f32)",
     )
+    parser.add_argument(
+        "--http", action="store_true", help="stream through the real HTTP server from client processes"
+    )
+    parser.add_argument("--client-of", metavar="URL", help=argparse.SUPPRESS)  # the clients' process
     return parser.parse_args(argv)
 
 
+def client_main(args: argparse.Namespace) -> None:
+    """The client process of ``--http``: stream the prompts (JSON on stdin) at once, print the
+    timings as JSON."""
+    prompts = json.load(sys.stdin)
+    elapsed, stats = asyncio.run(http_clients(args.client_of, prompts, args.new_tokens))
+    json.dump({"elapsed": elapsed, "streams": [asdict(s) for s in stats]}, sys.stdout)
+
+
 if __name__ == "__main__":
-    asyncio.run(main(parse_args()))
+    arguments = parse_args()
+    if arguments.client_of:
+        client_main(arguments)
+    else:
+        asyncio.run(main(arguments))
