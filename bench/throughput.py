@@ -394,13 +394,15 @@ async def main(args: argparse.Namespace) -> None:
             max_batch_size=max(levels),
             context_len=4096,
             build_pipeline=lambda rows: [MaskTokens(eos_holder)],
+            options={"kv_cache": args.kv_cache},
         )
     )
     await engine.start()
     eos = engine.eos_token_ids
     eos_holder.extend(eos)
     print(
-        f"model: {label}; device: {device}; torch threads: {torch.get_num_threads()}; "
+        f"model: {label}; device: {device}; kv cache: {engine.kv_cache_layout}; "
+        f"torch threads: {torch.get_num_threads()}; "
         f"machine: {platform.machine()} {platform.processor() or ''}; new tokens: {args.new_tokens}"
     )
     results: dict[int, tuple[float, float]] = {}
@@ -445,6 +447,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="f32",
         choices=["f32", "bf16", "f16", "default"],
         help="openvino only: OpenVINO inference precision (default f32)",
+    )
+    parser.add_argument(
+        "--kv-cache",
+        default="dynamic",
+        choices=["dynamic", "slots"],
+        help="transformers only: the engine's KV cache layout (default dynamic)",
     )
     parser.add_argument(
         "--http", action="store_true", help="stream through the real HTTP server from client processes"

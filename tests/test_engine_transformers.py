@@ -35,9 +35,20 @@ PROMPTS = [
 GREEDY = GenerationParams(max_new_tokens=24, temperature=0)
 
 
+KV_LAYOUT = {"kv_cache": "dynamic"}
+
+
+@pytest.fixture(autouse=True, params=["dynamic", "slots"])
+def kv_cache(request: pytest.FixtureRequest) -> str:
+    """Every test here runs with both KV cache layouts (see ``make_engine``)."""
+    KV_LAYOUT["kv_cache"] = request.param
+    return str(request.param)
+
+
 def make_engine(tiny_model: tuple[Any, Any], **options: Any) -> TransformersEngine:
     model, tokenizer = tiny_model
     options.setdefault("device", "cpu")
+    options.setdefault("options", dict(KV_LAYOUT))
     return TransformersEngine(EngineConfig(model=model, tokenizer=tokenizer, **options))
 
 
@@ -344,3 +355,28 @@ def test_the_engine_is_registered_as_transformers() -> None:
     found: dict[str, Any] = {}
     pm.hook.register_engines(register=lambda name, factory: found.setdefault(name, factory))
     assert isinstance(found["transformers"](EngineConfig()), TransformersEngine)
+
+
+async def test_the_slots_layout_keeps_one_preallocated_cache(
+    tiny_model: tuple[Any, Any], kv_cache: str
+) -> None:
+    engine = make_engine(tiny_model, max_batch_size=3, context_len=64)
+    await engine.start()
+    try:
+        assert engine.kv_cache_layout == kv_cache
+        slots = engine._slots
+        if slots is None:
+            return
+        # Layers x slots x heads x context x head size, allocated once at start-up.
+        assert slots.keys.shape[1] == 3 and slots.keys.shape[3] == 64
+        before = slots.keys.data_ptr()
+        params = GenerationParams(max_new_tokens=8, temperature=0)
+        await asyncio.gather(*(collect(engine, GenerationRequest(p, params)) for p in PROMPTS))
+        assert engine._slots is slots and slots.keys.data_ptr() == before
+    finally:
+        await engine.close()
+
+
+def test_a_bad_kv_cache_layout_is_named(tiny_model: tuple[Any, Any]) -> None:
+    with pytest.raises(ValueError, match=r"kv_cache='paged' is invalid: use 'dynamic' or 'slots'"):
+        make_engine(tiny_model, options={"kv_cache": "paged"})

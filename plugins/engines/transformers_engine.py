@@ -8,6 +8,16 @@ gets its first token at once, and its cache is padded and concatenated into the 
 finished or cancelled request is sliced out at once and the padding every row shares is trimmed.
 Per-request sampling goes through the logits pipeline built for the batch's current rows.
 
+KV cache layout (``plugin_config.transformers.kv_cache``): ``dynamic`` (the default) is the layout
+above. ``slots`` preallocates one cache row per batch slot, ``context_len`` long, once at start-up;
+active requests sit in slots ``0..n-1``, each decode step writes every row's new key/value in place
+at that row's own position and attends under a 4-D mask over a bucketed length, so nothing is
+concatenated or re-allocated per step; a request that leaves has its slot filled by the last row.
+Both give the same tokens. ``slots`` is the layout a captured (compiled) decode step needs; on CPU
+it measured no faster than ``dynamic``, which needs no memory up front. Models whose cache cannot
+be merged (sliding-window or recurrent layers) run one request at a time with their own cache,
+whatever the setting.
+
 Tokens travel to each request's asyncio queue with ``loop.call_soon_threadsafe`` (one call per
 step and event loop); the request's own coroutine detokenizes and applies stop strings, so the
 step loop does nothing per token but tensor work.
@@ -172,6 +182,8 @@ class TransformersEngine:
         self._batchable = True
         self._eos: Any = None
         self._recorder, self._record_top = _recording_options(config.options)
+        self._kv_layout = _kv_cache_option(config.options)
+        self._slots: SlotKVCache | None = None
         # Observability (read from other threads; written only by the step loop).
         self.active_rows = 0
         self.waiting_rows = 0
@@ -224,6 +236,8 @@ class TransformersEngine:
         if "logits_to_keep" in inspect.signature(model.forward).parameters:
             self._prefill_kwargs["logits_to_keep"] = 1
         self._batchable = _cache_is_mergeable(model)
+        if self._kv_layout == "slots" and self._batchable:
+            self._slots = SlotKVCache.for_model(model, self.max_batch_size, self.context_len, self.device)
         if self._recorder is not None:
             self._recorder.write_manifest(
                 model=_model_name(model, self.config), engine=ENGINE_NAME, tokenizer=self.tokenizer
@@ -245,6 +259,11 @@ class TransformersEngine:
         await asyncio.to_thread(thread.join)
         if self._recorder is not None:
             await asyncio.to_thread(self._recorder.close)
+
+    @property
+    def kv_cache_layout(self) -> str:
+        """``slots`` or ``dynamic``: the layout in use once started."""
+        return "slots" if self._slots is not None else "dynamic"
 
     @property
     def recorder(self) -> RecordingWriter | None:
@@ -550,6 +569,10 @@ class TransformersEngine:
                 layer.values = layer.values.masked_fill(hide, 0)
         generators = [row.generator for row in rows]
         first = self._choose(rows, self._pipeline(rows), generators, ids, logits)
+        if self._slots is not None:
+            # Into the free slots after the running rows; the batch keeps no cache of its own.
+            self._slots.fill(len(batch.rows) if batch is not None else 0, cache, mask)
+            cache, mask = None, mask[:, :0]
         newcomer = _Batch(
             rows=rows,
             cache=cache,
@@ -561,7 +584,8 @@ class TransformersEngine:
             limits=torch.tensor([row.max_new_tokens for row in rows], device=self.device),
             generators=generators,
         )
-        joined = self._finish_tokens(newcomer, first)
+        width = len(batch.rows) if batch is not None else 0
+        joined = self._finish_tokens(newcomer, first, first_slot=width)
         if joined is None:
             return batch
         return joined if batch is None else _merge(batch, joined)
@@ -570,14 +594,23 @@ class TransformersEngine:
         """One forward pass over every row, one new token per row."""
         import torch
 
-        ones = torch.ones(len(batch.rows), 1, dtype=batch.mask.dtype, device=self.device)
-        batch.mask = torch.cat([batch.mask, ones], dim=1)
-        logits, batch.cache = self._forward(
-            input_ids=batch.pending[:, None],
-            attention_mask=batch.mask,
-            position_ids=batch.positions[:, None],
-            past_key_values=batch.cache,
-        )
+        if self._slots is not None:
+            mask = self._slots.prepare_step(batch.positions)
+            logits, _ = self._forward(
+                input_ids=batch.pending[:, None],
+                attention_mask=mask,
+                position_ids=batch.positions[:, None],
+                past_key_values=self._slots,
+            )
+        else:
+            ones = torch.ones(len(batch.rows), 1, dtype=batch.mask.dtype, device=self.device)
+            batch.mask = torch.cat([batch.mask, ones], dim=1)
+            logits, batch.cache = self._forward(
+                input_ids=batch.pending[:, None],
+                attention_mask=batch.mask,
+                position_ids=batch.positions[:, None],
+                past_key_values=batch.cache,
+            )
         batch.positions = batch.positions + 1
         if batch.processors is None:
             batch.processors = self._pipeline(batch.rows)
@@ -588,8 +621,9 @@ class TransformersEngine:
         self.steps += 1
         return self._finish_tokens(batch, tokens)
 
-    def _finish_tokens(self, batch: _Batch, tokens: torch.Tensor) -> _Batch | None:
-        """Deliver this step's tokens, end rows at EOS / length, drop ended rows from the batch."""
+    def _finish_tokens(self, batch: _Batch, tokens: torch.Tensor, first_slot: int = 0) -> _Batch | None:
+        """Deliver this step's tokens, end rows at EOS / length, drop ended rows from the batch
+        (whose rows sit in slots from ``first_slot`` on, in slots mode)."""
         import torch
 
         is_eos = torch.isin(tokens, self._eos)
@@ -608,10 +642,11 @@ class TransformersEngine:
                 row.done = True
             keep.append(not code and not row.cancelled)
         self._deliver(items)
-        return self._drop_rows(batch, keep)
+        return self._drop_rows(batch, keep, first_slot)
 
-    def _drop_rows(self, batch: _Batch, keep: list[bool]) -> _Batch | None:
-        """Slice out rows that left, then trim the left padding every remaining row shares."""
+    def _drop_rows(self, batch: _Batch, keep: list[bool], first_slot: int = 0) -> _Batch | None:
+        """Slice out rows that left, then trim the left padding every remaining row shares (in slots
+        mode: move the last rows into the freed slots)."""
         import torch
 
         if all(keep):
@@ -619,22 +654,28 @@ class TransformersEngine:
         for row, kept in zip(batch.rows, keep, strict=True):
             if not kept:
                 row.done = True
-        index = [i for i, kept in enumerate(keep) if kept]
-        if not index:
+        if not any(keep):
             return None
-        rows = torch.tensor(index, device=self.device)
-        mask = batch.mask.index_select(0, rows)
-        # Columns that are padding in every remaining row can go: the cache shrinks with the batch.
-        start = int((mask.sum(dim=0) > 0).long().argmax()) if mask.shape[1] else 0
-        for layer in batch.cache.layers:
-            layer.keys = layer.keys.index_select(0, rows)[:, :, start:]
-            layer.values = layer.values.index_select(0, rows)[:, :, start:]
+        if self._slots is not None:
+            index = self._slots.compact(keep, first_slot)
+            rows = torch.tensor(index, device=self.device)
+            mask = batch.mask[: len(index)]
+        else:
+            index = [i for i, kept in enumerate(keep) if kept]
+            rows = torch.tensor(index, device=self.device)
+            mask = batch.mask.index_select(0, rows)
+            # Columns that are padding in every remaining row can go: the cache shrinks with the batch.
+            start = int((mask.sum(dim=0) > 0).long().argmax()) if mask.shape[1] else 0
+            for layer in batch.cache.layers:
+                layer.keys = layer.keys.index_select(0, rows)[:, :, start:]
+                layer.values = layer.values.index_select(0, rows)[:, :, start:]
+            mask = mask[:, start:]
         history = batch.history.index_select(0, rows)
         hist_start = int((history >= 0).any(dim=0).long().argmax())
         return _Batch(
             rows=[batch.rows[i] for i in index],
             cache=batch.cache,
-            mask=mask[:, start:],
+            mask=mask,
             pending=batch.pending.index_select(0, rows),
             positions=batch.positions.index_select(0, rows),
             history=history[:, hist_start:],
@@ -659,9 +700,12 @@ def _merge(a: _Batch, b: _Batch) -> _Batch:
         pad = [0, 0] * (dim_from_end - 1) + [missing, 0]
         return F.pad(tensor, pad, value=value)
 
-    for layer_a, layer_b in zip(a.cache.layers, b.cache.layers, strict=True):
-        layer_a.keys = torch.cat([pad_left(layer_a.keys, 2, length), pad_left(layer_b.keys, 2, length)])
-        layer_a.values = torch.cat([pad_left(layer_a.values, 2, length), pad_left(layer_b.values, 2, length)])
+    if a.cache is not None and b.cache is not None:  # slots mode: the cache lives in the slots
+        for layer_a, layer_b in zip(a.cache.layers, b.cache.layers, strict=True):
+            layer_a.keys = torch.cat([pad_left(layer_a.keys, 2, length), pad_left(layer_b.keys, 2, length)])
+            layer_a.values = torch.cat(
+                [pad_left(layer_a.values, 2, length), pad_left(layer_b.values, 2, length)]
+            )
     hist_len = max(a.history.shape[1], b.history.shape[1])
     return _Batch(
         rows=a.rows + b.rows,
@@ -732,6 +776,107 @@ def _added_around(ids: list[int], bare: list[int]) -> tuple[list[int], list[int]
         if ids[start : start + len(bare)] == bare:
             return ids[:start], ids[start + len(bare) :]
     return [], []
+
+
+class SlotKVCache:
+    """A preallocated KV cache of ``slots`` rows, each ``max_len`` long, for every layer.
+
+    Rows ``0..n-1`` of a forward pass are slots ``0..n-1``. ``prepare_step`` sets where each row
+    writes (its own position) and returns the 4-D additive mask; ``update`` (what the model's
+    attention layers call) writes the step's key/value in place and returns a view of the first
+    ``n`` rows over ``kv_len`` positions, a multiple of ``bucket`` so lengths (and any compiled
+    graph for them) change rarely.
+    """
+
+    bucket = 64
+
+    def __init__(
+        self, layers: int, slots: int, heads: int, max_len: int, head_dim: int, dtype: Any, device: Any
+    ) -> None:
+        import torch
+
+        shape = (layers, slots, heads, max_len, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.write_at: torch.Tensor | None = None
+        self.kv_len = 0
+
+    @classmethod
+    def for_model(cls, model: Any, slots: int, max_len: int, device: Any) -> SlotKVCache:
+        """Sized from one probe forward pass: layer count, KV heads, head size and dtype as the model
+        really produces them (configs name these differently)."""
+        import torch
+
+        probe = model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=True)
+        layers = probe.past_key_values.layers
+        _, heads, _, head_dim = layers[0].keys.shape
+        return cls(len(layers), slots, heads, max_len, head_dim, layers[0].keys.dtype, device)
+
+    def fill(self, first_slot: int, cache: Any, mask: torch.Tensor) -> None:
+        """Copy a prefilled, left-padded ``DynamicCache`` (``mask`` marks real positions) into slots
+        ``first_slot...``, each row starting at position 0."""
+        lengths = mask.sum(dim=1).tolist()
+        width = mask.shape[1]
+        for layer, source in enumerate(cache.layers):
+            for i, length in enumerate(lengths):
+                slot = first_slot + i
+                self.keys[layer, slot, :, :length] = source.keys[i, :, width - length :]
+                self.values[layer, slot, :, :length] = source.values[i, :, width - length :]
+
+    def prepare_step(self, positions: torch.Tensor) -> torch.Tensor:
+        """Before a decode step of ``len(positions)`` rows: where each writes, and the mask that
+        lets row ``i`` see positions ``0..positions[i]``."""
+        import torch
+
+        self.write_at = positions
+        top = int(positions.max()) + 1
+        self.kv_len = min(self.max_len, -(-top // self.bucket) * self.bucket)
+        seen = torch.arange(self.kv_len, device=positions.device)[None, :] <= positions[:, None]
+        mask = torch.zeros(seen.shape, dtype=self.keys.dtype, device=positions.device)
+        mask = mask.masked_fill(~seen, torch.finfo(self.keys.dtype).min)
+        return mask[:, None, None, :]
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write one step's key/value per row at its position; keys/values of the rows so far."""
+        import torch
+
+        assert self.write_at is not None, "prepare_step() comes before a decode step"
+        n = key_states.shape[0]
+        rows = torch.arange(n, device=key_states.device)
+        self.keys[layer_idx, rows, :, self.write_at] = key_states[:, :, -1]
+        self.values[layer_idx, rows, :, self.write_at] = value_states[:, :, -1]
+        return self.keys[layer_idx, :n, :, : self.kv_len], self.values[layer_idx, :n, :, : self.kv_len]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.kv_len
+
+    def compact(self, keep: Sequence[bool], first_slot: int = 0) -> list[int]:
+        """Of the rows in slots ``first_slot...``, those in ``keep`` stay and the last kept ones move
+        into the holes below. Returns, for each kept row in its new order, its old index."""
+        count = sum(keep)
+        holes = [i for i in range(count) if not keep[i]]
+        movers = [i for i in range(count, len(keep)) if keep[i]]
+        order = list(range(count))
+        if holes:
+            for hole, mover in zip(holes, movers, strict=True):
+                order[hole] = mover
+            targets = [first_slot + i for i in holes]
+            sources = [first_slot + i for i in movers]
+            self.keys[:, targets] = self.keys[:, sources]
+            self.values[:, targets] = self.values[:, sources]
+        return order
+
+
+def _kv_cache_option(options: dict[str, Any]) -> str:
+    value = options.get("kv_cache", "dynamic")
+    if value not in ("dynamic", "slots"):
+        raise ValueError(
+            f"plugin_config.transformers.kv_cache={value!r} is invalid: use 'dynamic' or 'slots'"
+        )
+    return str(value)
 
 
 def _cache_is_mergeable(model: Any) -> bool:
