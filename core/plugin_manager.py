@@ -43,6 +43,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "chatstream.plugins.engines.replay",
     "chatstream.plugins.engines.openvino_engine",
     "chatstream.plugins.engines.upstream",
+    "chatstream.plugins.engines.vllm_engine",
     "chatstream.plugins.handlers.simple_session",
     "chatstream.plugins.handlers.stateless",
     "chatstream.plugins.stores.memory",
