@@ -86,6 +86,10 @@ class ChatStreamError(Exception):
         return body
 
 
+class StreamAborted(Exception):
+    """A streamed answer failed after its headers were sent; the connection is closed unfinished."""
+
+
 class ClientDisconnected(Exception):
     """The client went away before its request got a slot."""
 
@@ -199,9 +203,14 @@ class ChatStream:
         self._explicit_prompt_class = chat_prompt_clazz
         self.prompt_class: type[AbstractChatPrompt] | None = None
         self.prompt_format_reason = ""
-        self.engine = engine or self._create_engine()
-        self.session_store: SessionStore = session_store or self._create_session_store()
-        self.request_handler = request_handler or self._create_request_handler()
+        self.engine = engine if engine is not None else self._create_engine()
+        # `is not None`: a store with ``__len__`` is falsy while empty, and must still be used.
+        self.session_store: SessionStore = (
+            session_store if session_store is not None else self._create_session_store()
+        )
+        self.request_handler = (
+            request_handler if request_handler is not None else self._create_request_handler()
+        )
         self.request_handler.bind(self)
         self.default_params = self._default_params()
         self._active_sessions: set[str] = set()
@@ -522,10 +531,13 @@ class ChatStream:
         """Stream the pending answer of ``session`` from the engine's ``deltas`` (a slot must be held).
 
         The answer (complete, or partial if the consumer stops early) is written into the prompt;
-        ``stats`` (if given) is updated as tokens arrive.
+        an answer cut by an engine error is not: the question stays, waiting for its answer
+        (``regenerate`` asks again, a new message replaces it). ``stats`` (if given) is updated as
+        tokens arrive.
         """
         prompt = session.prompt
         answer = ""
+        failed = False
         replacer = prompt.output_replacer()  # e.g. "<NL>" back to "\n" for formats that need it
         try:
             async with contextlib.aclosing(deltas):
@@ -542,8 +554,14 @@ class ChatStream:
             if rest:
                 answer += rest
                 yield rest
+        except Exception:
+            failed = True  # a half answer is not kept as if it were the model's whole answer
+            raise
         finally:
-            prompt.set_responder_last_msg(answer)
+            if failed:
+                prompt.clear_last_responder_message()
+            else:
+                prompt.set_responder_last_msg(answer)
 
     def _add_special_tokens(self, prompt: AbstractChatPrompt) -> bool | None:
         if self.settings.add_special_tokens is not None:
@@ -660,8 +678,13 @@ class ChatStream:
                     text += delta
                     outcome.streamed = True
                     # The documented wire format sends the whole answer so far in every chunk.
-                    yield (delta if stream_format == "delta" else text).encode()
+                    # "replace": a lone surrogate (valid in JSON, not in UTF-8) must not end the stream.
+                    yield (delta if stream_format == "delta" else text).encode("utf-8", "replace")
             outcome.reason = FinishedReason.SUCCESS
+            # Before the last chunk: a client that sees the end and asks again at once finds its
+            # answer stored, its session free (no 409) and the slot back.
+            with anyio.CancelScope(shield=True):
+                await self._settle(request, session, deltas, request_id, outcome)
         except (asyncio.CancelledError, GeneratorExit):
             if outcome.streamed:
                 outcome.reason = FinishedReason.CLIENT_DISCONNECTED_WHILE_STREAMING
@@ -670,6 +693,12 @@ class ChatStream:
             outcome.reason = FinishedReason.UNKNOWN_ERROR_OCCURRED
             outcome.error = f"{type(exc).__name__}: {exc}"
             self.logger.exception("request %s failed", request_id)
+            with anyio.CancelScope(shield=True):
+                await self._settle(request, session, deltas, request_id, outcome)
+            # The status line is gone: the one signal a plain-text stream has left is to end
+            # without its last chunk, which HTTP clients report as an error (curl exit 18,
+            # httpx RemoteProtocolError, fetch's reader rejects), not as a complete answer.
+            raise StreamAborted(outcome.error) from None
 
     async def _finish_stream(
         self,
@@ -684,9 +713,34 @@ class ChatStream:
         """Run once per streamed response, whether or not its body ever started: the engine row and
         the slot are freed, the conversation (possibly partial) saved, the end reported."""
         try:
+            await self._settle(request, session, deltas, request_id, outcome)
+        finally:
+            await self.report_finished(
+                request,
+                callback,
+                request_id,
+                outcome.reason,
+                started_at,
+                error=outcome.error,
+                stats=outcome.stats,
+            )
+
+    async def _settle(
+        self,
+        request: Request,
+        session: ChatSession,
+        deltas: AsyncGenerator[TextDelta, None],
+        request_id: str,
+        outcome: _Outcome,
+    ) -> None:
+        """Free the engine row, save the conversation, then free the session and the slot; once.
+        (Saving first: once the load is back to zero, every conversation is stored.)"""
+        if outcome.settled:
+            return
+        outcome.settled = True
+        try:
             await deltas.aclose()
         finally:
-            self.admission.release()
             try:
                 if session.id is not None:
                     await self.request_handler.save_session(request, session)
@@ -694,15 +748,7 @@ class ChatStream:
                 self.logger.exception("request %s: the conversation could not be saved", request_id)
             finally:
                 self._active_sessions.discard(session.id or "")
-                await self.report_finished(
-                    request,
-                    callback,
-                    request_id,
-                    outcome.reason,
-                    started_at,
-                    error=outcome.error,
-                    stats=outcome.stats,
-                )
+                self.admission.release()
 
     async def _parse_body(
         self, request: Request, body: dict[str, Any] | str | bytes | None
@@ -862,6 +908,7 @@ class _Outcome:
     reason: FinishedReason = FinishedReason.CLIENT_DISCONNECTED_BEFORE_STREAMING
     error: str | None = None
     streamed: bool = False
+    settled: bool = False  # slot released, conversation saved, session freed
     stats: GenerationStats = field(default_factory=GenerationStats)
 
 
@@ -878,6 +925,10 @@ class ChatStreamingResponse(StreamingResponse):
     async def stream_response(self, send: Send) -> None:
         try:
             await super().stream_response(send)
+        except StreamAborted:
+            # Return without the last body message: the server closes the connection unfinished
+            # (uvicorn logs one line, "returned without completing response"); the cause is logged.
+            pass
         finally:
             with anyio.CancelScope(shield=True):
                 closer = getattr(self.body_iterator, "aclose", None)
@@ -890,4 +941,11 @@ class ChatStreamingResponse(StreamingResponse):
                         await finalizer()
 
 
-__all__ = ["ChatStream", "ChatStreamError", "ChatStreamRequestBody", "GenerationStats", "SessionConflict"]
+__all__ = [
+    "ChatStream",
+    "ChatStreamError",
+    "ChatStreamRequestBody",
+    "GenerationStats",
+    "SessionConflict",
+    "StreamAborted",
+]

@@ -1,8 +1,11 @@
-"""A real ``redis-server`` for tests: on a free loopback port, in a temporary directory, no persistence.
+"""A real ``redis-server`` for tests: on a free loopback port, in a temporary directory, no persistence
+unless asked.
 
 Use ``RedisServer(tmp_dir)`` with ``start()``/``stop()`` (``stop()`` then ``start()`` again keeps the
-port, to test recovery), or the ``redis_server_or_skip`` context manager, which skips the calling
-test when the ``redis-server`` binary is not installed.
+port, to test recovery; with ``persistent=True`` the data is written to an append-only file before
+each reply, so it survives ``kill()`` and a restart, as on a production server), or the
+``redis_server_or_skip`` context manager, which skips the calling test when the ``redis-server``
+binary is not installed.
 """
 
 from __future__ import annotations
@@ -28,9 +31,10 @@ SKIP_REASON = (
 class RedisServer:
     """One ``redis-server`` child process bound to 127.0.0.1."""
 
-    def __init__(self, directory: Path, port: int | None = None) -> None:
+    def __init__(self, directory: Path, port: int | None = None, persistent: bool = False) -> None:
         self.directory = directory
         self.port = port or free_port()
+        self.persistent = persistent
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -44,7 +48,10 @@ class RedisServer:
         if binary is None:
             raise RuntimeError(SKIP_REASON)
         log = self.directory / f"redis-{self.port}.log"
-        # No RDB/AOF: tests that need "data survives" restart the store, not the server.
+        # No RDB; an append-only file (synced before each reply) only when ``persistent``.
+        aof = (
+            ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else ["--appendonly", "no"]
+        )
         self.process = subprocess.Popen(
             [
                 binary,
@@ -52,7 +59,7 @@ class RedisServer:
                 "--bind", "127.0.0.1",
                 "--dir", str(self.directory),
                 "--save", "",
-                "--appendonly", "no",
+                *aof,
                 "--logfile", str(log),
             ],
             stdin=subprocess.DEVNULL,
@@ -74,6 +81,14 @@ class RedisServer:
                 return sock.recv(64).startswith(b"+PONG")
         except OSError:
             return False
+
+    def kill(self) -> None:
+        """Kill the server at once (SIGKILL), as a crash would."""
+        if self.process is None:
+            return
+        self.process.kill()
+        self.process.wait()
+        self.process = None
 
     def stop(self) -> None:
         """Stop the server (its data is gone) and wait for the process to end."""

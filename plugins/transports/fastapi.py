@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from chatstream.access import AccessDenied, AccessPolicy, presented_key
-from chatstream.chatstream import ChatStream, ChatStreamError
+from chatstream.chatstream import ChatStream, ChatStreamError, ChatStreamRequestBody
 from chatstream.hookspecs import hookimpl
 from chatstream.sessions import ChatSession
 from chatstream.types import GenerationParams
@@ -203,6 +203,44 @@ class _ParamsBody(BaseModel):
 
 assert set(_ParamsBody.model_fields) == set(GenerationParams.model_fields)  # keep the two in step
 
+
+def json_body(model: type[BaseModel], required: bool = True) -> dict[str, Any]:
+    """An OpenAPI ``requestBody`` for a JSON body parsed by hand with ``model``."""
+    schema = model.model_json_schema()
+    definitions = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:  # the bodies' nested models are not recursive
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return inline(definitions[ref.removeprefix("#/$defs/")])
+            return {key: inline(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [inline(value) for value in node]
+        return node
+
+    schema = inline(schema)
+    return {"requestBody": {"required": required, "content": {"application/json": {"schema": schema}}}}
+
+
+# What the OpenAPI schema says about the bodies and query parameters the endpoints read by hand.
+OPENAPI: dict[str, dict[str, Any]] = {
+    "chat_stream": {
+        **json_body(ChatStreamRequestBody),
+        "parameters": [
+            {
+                "name": "format",
+                "in": "query",
+                "required": False,
+                "schema": {"type": "string", "enum": ["cumulative", "delta"]},
+                "description": "chunks carry the whole answer so far (cumulative) or only new text",
+            }
+        ],
+    },
+    "set_generation_params": json_body(_ParamsBody),
+    "set_feedback": json_body(FeedbackBody),
+}
+
 # name -> (HTTP method, handler)
 ENDPOINTS: dict[str, tuple[str, Endpoint]] = {
     "chat_stream": ("POST", chat_stream),
@@ -241,13 +279,14 @@ def selected_endpoints(options: dict[str, Any] | None) -> list[str]:
 def install(app: FastAPI, cs: ChatStream, options: dict[str, Any] | None = None) -> None:
     """Mount the selected endpoints of ``cs`` on ``app``, each behind the role check."""
     policy = AccessPolicy(cs.settings)
-    for name in selected_endpoints(options):
-        method, handler = ENDPOINTS[name]
 
-        async def endpoint(request: Request, _name: str = name, _handler: Endpoint = handler) -> Response:
+    def guarded(name: str, handler: Endpoint) -> Callable[[Request], Awaitable[Response]]:
+        # A closure, not default arguments: FastAPI would publish those as query parameters
+        # (``?_name=get_load`` would pass another endpoint's role check).
+        async def endpoint(request: Request) -> Response:
             try:
-                request.state.role = policy.check(presented_key(request.headers), _name)
-                return await _handler(cs, request)
+                request.state.role = policy.check(presented_key(request.headers), name)
+                return await handler(cs, request)
             except AccessDenied as exc:
                 return JSONResponse(
                     {"error": "unauthorized" if exc.status == 401 else "forbidden", "message": exc.message},
@@ -257,7 +296,13 @@ def install(app: FastAPI, cs: ChatStream, options: dict[str, Any] | None = None)
                 return JSONResponse(exc.to_dict(), status_code=exc.status)
 
         endpoint.__doc__ = handler.__doc__
-        app.add_api_route(f"/{name}", endpoint, methods=[method], name=name)
+        return endpoint
+
+    for name in selected_endpoints(options):
+        method, handler = ENDPOINTS[name]
+        app.add_api_route(
+            f"/{name}", guarded(name, handler), methods=[method], name=name, openapi_extra=OPENAPI.get(name)
+        )
 
 
 @hookimpl

@@ -51,6 +51,7 @@ from chatstream.chatstream import (
     GenerationStats,
 )
 from chatstream.hookspecs import hookimpl
+from chatstream.plugins.transports.fastapi import json_body
 from chatstream.prompt import AbstractChatPrompt
 from chatstream.sessions import ChatSession
 from chatstream.types import FinishedReason, GenerationParams, GenerationRequest, TextDelta
@@ -111,6 +112,10 @@ class Message(BaseModel):
     @field_validator("content")
     @classmethod
     def _text_content(cls, value: Any) -> str:
+        return _valid_unicode(cls._joined_text(value))
+
+    @staticmethod
+    def _joined_text(value: Any) -> str:
         if isinstance(value, str):
             return value
         if isinstance(value, list):
@@ -182,6 +187,15 @@ class ChatCompletionRequest(BaseModel):
         return _stop_list(value)
 
 
+def _valid_unicode(text: str) -> str:
+    """``text`` if it can be sent back as UTF-8; a lone surrogate (valid JSON, ``"\\ud800"``) cannot."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("the text holds an unpaired surrogate (like \\ud800): send valid Unicode") from None
+    return text
+
+
 def _stop_list(value: Any) -> list[str]:
     """``stop`` as a list of non-empty strings."""
     if value is None:
@@ -200,7 +214,7 @@ class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
-    prompt: Any = None
+    prompt: Any = Field(None, validate_default=True)  # missing: the validator names the field
     stream: bool = False
     stream_options: StreamOptions | None = None
     temperature: float | None = None
@@ -238,7 +252,7 @@ class CompletionRequest(BaseModel):
             raise ValueError("prompt must be one string (lists of prompts and token ids are not supported)")
         if not value:
             raise ValueError("prompt is empty: send the text to continue")
-        return value
+        return _valid_unicode(value)
 
 
 _UNSUPPORTED_HINT = "this server does not support it; leave it out"
@@ -794,8 +808,20 @@ def install(app: FastAPI, cs: ChatStream, options: dict[str, Any] | None = None)
     text_endpoint.__doc__ = text_completions.__doc__
     models_endpoint.__doc__ = "GET: the served model, as an OpenAI model list."
     model_endpoint.__doc__ = "GET: the served model's card (404 for any other id)."
-    app.add_api_route("/v1/chat/completions", completions_endpoint, methods=["POST"], name="chat_completions")
-    app.add_api_route("/v1/completions", text_endpoint, methods=["POST"], name="completions")
+    app.add_api_route(
+        "/v1/chat/completions",
+        completions_endpoint,
+        methods=["POST"],
+        name="chat_completions",
+        openapi_extra=json_body(ChatCompletionRequest),
+    )
+    app.add_api_route(
+        "/v1/completions",
+        text_endpoint,
+        methods=["POST"],
+        name="completions",
+        openapi_extra=json_body(CompletionRequest),
+    )
     app.add_api_route("/v1/models", models_endpoint, methods=["GET"], name="models")
     app.add_api_route("/v1/models/{model_id:path}", model_endpoint, methods=["GET"], name="model")
 
