@@ -41,6 +41,7 @@ from typing import Any
 
 from chatstream.detokenize import TokenTextStream
 from chatstream.hookspecs import hookimpl
+from chatstream.plugins.engines.transformers_engine import _added_around, _split_literal_spans
 from chatstream.types import (
     EngineConfig,
     FinishReason,
@@ -91,6 +92,10 @@ class OpenVINOTokenizer:
 
     ``__call__``/``decode``/``apply_chat_template``/``chat_template``/``eos_token``/``bos_token``,
     enough for prompt formats (``hf``), the detokenizer and token counting.
+
+    GenAI's tokenizer always turns a special-token string (``<|im_start|>``) into its control
+    token and has no switch to keep it as text, so :meth:`encode_plain` does that here: it cuts
+    the text at the special-token strings and spells each one with ordinary tokens.
     """
 
     def __init__(self, tokenizer: Any, name_or_path: str) -> None:
@@ -100,11 +105,81 @@ class OpenVINOTokenizer:
         self.eos_token: str = tokenizer.get_eos_token()
         self.bos_token: str = tokenizer.get_bos_token()
         self.eos_token_id: int = int(tokenizer.get_eos_token_id())
+        self._special_text: dict[int, str | None] = {}  # token id -> its string when special
+        self._plain_spelling: dict[str, list[int]] = {}  # special string -> ordinary token ids
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``."""
+        if not text and not add_special_tokens:
+            return []  # GenAI cannot tokenize nothing
         encoded = self.genai.encode(text, add_special_tokens=add_special_tokens)
         return [int(i) for i in encoded.input_ids.data[0]]
+
+    def _learn_specials(self, ids: Sequence[int]) -> None:
+        """Find out which of ``ids`` are special tokens (two batched decodes of the new ones).
+
+        A special token is one that decoding with ``skip_special_tokens`` drops although it has
+        text of its own (a byte-fallback piece of a character has none, and is not special).
+        """
+        new = sorted({int(i) for i in ids} - self._special_text.keys())
+        if not new:
+            return
+        texts = self.genai.decode([[i] for i in new], skip_special_tokens=False)
+        kept = self.genai.decode([[i] for i in new], skip_special_tokens=True)
+        for token_id, text, visible in zip(new, texts, kept, strict=True):
+            self._special_text[token_id] = text if text and not visible else None
+
+    def special_text(self, token_id: int) -> str | None:
+        """The string of ``token_id`` when it is a special token (``<|im_start|>``), else None."""
+        self._learn_specials([token_id])
+        return self._special_text[token_id]
+
+    def special_strings(self, ids: Sequence[int]) -> set[str]:
+        """The special-token strings among ``ids``."""
+        self._learn_specials(ids)
+        return {text for i in set(ids) if (text := self._special_text[int(i)])}
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Token ids of ``text`` with every special-token string in it spelled as plain text.
+
+        Text between special-token strings is tokenized as usual; benign text gives exactly
+        ``encode(text, add_special_tokens=False)``.
+        """
+        ids = self.encode(text, add_special_tokens=False)
+        specials = {s for s in self.special_strings(ids) if s in text}
+        if not specials:
+            return ids
+        out: list[int] = []
+        cursor = 0
+        while cursor < len(text):
+            # The earliest special string, the longest at that place (as the tokenizer matches).
+            found = [(text.find(s, cursor), -len(s), s) for s in specials]
+            hits = sorted(hit for hit in found if hit[0] >= 0)
+            if not hits:
+                break
+            start, _, special = hits[0]
+            out += self.encode(text[cursor:start], add_special_tokens=False)
+            out += self._spell(special)
+            cursor = start + len(special)
+        return out + self.encode(text[cursor:], add_special_tokens=False)
+
+    def _spell(self, special: str) -> list[int]:
+        """Ordinary token ids that decode to ``special``: the fewest over every cut into two parts
+        that holds no special token (fewest puts the cut where the tokenizer's own pre-splitting
+        would, so this is what a tokenizer that can split special tokens gives)."""
+        if special in self._plain_spelling:
+            return self._plain_spelling[special]
+        best: list[int] | None = None
+        for cut in range(1, len(special)):
+            ids = self.encode(special[:cut], False) + self.encode(special[cut:], False)
+            if any(self.special_text(i) for i in ids):
+                continue
+            if best is None or len(ids) < len(best):
+                best = ids
+        if best is None:  # no clean cut: one character at a time, leaving out any that is special
+            best = [i for ch in special for i in self.encode(ch, False) if not self.special_text(i)]
+        self._plain_spelling[special] = best
+        return best
 
     def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
         return {"input_ids": self.encode(text, add_special_tokens)}
@@ -129,7 +204,8 @@ class OpenVINOTokenizer:
         return text
 
     def __len__(self) -> int:
-        return len(self.genai.get_vocab_vector())
+        # get_vocab_vector() fails on byte-level vocabularies (tokens that are not valid UTF-8).
+        return len(self.genai.get_vocab())
 
 
 # -- options and sampling --------------------------------------------------------------------------------
@@ -419,13 +495,32 @@ class OpenVINOEngine:
         await asyncio.to_thread(thread.join)
 
     # -- public helpers ----------------------------------------------------------------------------
-    def encode(self, text: str, add_special_tokens: bool | None = None) -> list[int]:
-        """Prompt token ids, as GenAI's tokenizer makes them."""
-        if self.tokenizer is None:
+    def encode(
+        self, text: str, add_special_tokens: bool | None = None, literal_spans: Sequence[str] = ()
+    ) -> list[int]:
+        """Prompt token ids, as GenAI's tokenizer makes them. Special-token strings in the text
+        (``<|im_start|>``) stay special, except inside ``literal_spans`` (message contents, in
+        prompt order), where they are plain text: a user cannot type a control token.
+        """
+        tokenizer = self.tokenizer
+        if tokenizer is None:
             raise RuntimeError("the engine has no tokenizer yet: await engine.start() first")
         if add_special_tokens is None:
             add_special_tokens = self.config.add_special_tokens
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens is not False)
+        ids = tokenizer.encode(text, add_special_tokens=add_special_tokens is not False)
+        if not literal_spans:
+            return ids
+        # Every special string the tokenizer matched anywhere in the prompt (the template's own
+        # markers and any a message holds); only the messages that hold one are re-tokenized.
+        pieces = _split_literal_spans(text, literal_spans, tokenizer.special_strings(ids))
+        if not any(literal for _, literal in pieces):
+            return ids
+        body: list[int] = []
+        for piece, literal in pieces:
+            body += tokenizer.encode_plain(piece) if literal else tokenizer.encode(piece, False)
+        # BOS/EOS that the tokenizer adds around the whole text, kept as they are.
+        prefix, suffix = _added_around(ids, tokenizer.encode(text, add_special_tokens=False))
+        return prefix + body + suffix
 
     def count_tokens(self, text: str) -> int:
         """How many tokens ``text`` encodes to as a prompt."""
@@ -457,7 +552,8 @@ class OpenVINOEngine:
 
     async def generate_ids(self, request: GenerationRequest) -> AsyncIterator[list[int]]:
         """Stream the request's new token ids (EOS excluded), ignoring stop strings."""
-        row = self._submit(self.encode(request.prompt, request.add_special_tokens), request.params)
+        prompt_ids = self.encode(request.prompt, request.add_special_tokens, request.literal_spans)
+        row = self._submit(prompt_ids, request.params)
         try:
             while True:
                 items = await _next_items(row.queue)
@@ -474,7 +570,7 @@ class OpenVINOEngine:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TextDelta]:
         """Stream detokenized, stop-filtered text; the last delta carries the finish reason."""
-        prompt_ids = self.encode(request.prompt, request.add_special_tokens)
+        prompt_ids = self.encode(request.prompt, request.add_special_tokens, request.literal_spans)
         row = self._submit(prompt_ids, request.params)
         assert self.tokenizer is not None
         stream = TokenTextStream(self.tokenizer, prompt_ids, request.stop)
@@ -632,12 +728,16 @@ def create_engine(config: EngineConfig) -> OpenVINOEngine:
 
 # -- export ----------------------------------------------------------------------------------------------
 WEIGHT_FORMATS = ("int8", "int4", "fp16", "fp32")
+# The packages whose versions the export environment must share with this one: the IR and its
+# converted tokenizer must be readable by the OpenVINO that serves them, and torch is reused.
+_SHARED_PACKAGES = ("torch", "openvino", "openvino-tokenizers")
 
 
-def int4_group_size(hidden_size: int, preferred: Sequence[int] = (128, 64, 32, 16)) -> int:
-    """The largest usual int4 group size that divides ``hidden_size`` (576 for SmolLM2 -> 64)."""
+def int4_group_size(*widths: int, preferred: Sequence[int] = (128, 64, 32, 16)) -> int:
+    """The largest usual int4 group size that divides every matmul input width (``hidden_size``,
+    ``intermediate_size``): 576 for SmolLM2 gives 64, 96 gives 32; -1 (per channel) when none does."""
     for size in preferred:
-        if hidden_size % size == 0:
+        if all(width % size == 0 for width in widths):
             return size
     return -1  # per-channel quantization: always valid
 
@@ -651,15 +751,23 @@ def export_command(model: str, out: str, weights: str, group_size: int | None) -
     return [*command, out]
 
 
-def _hidden_size(model: str) -> int | None:
+def _matmul_widths(model: str) -> list[int]:
+    """The input widths of the model's linear layers, from its ``config.json`` (empty if unknown)."""
     import json
 
     try:
         data = json.loads((Path(model) / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return None
-    size = data.get("hidden_size")
-    return size if isinstance(size, int) else None
+        return []
+    if not isinstance(data, dict):
+        return []
+    text_config = data.get("text_config")
+    config: dict[str, Any] = text_config if isinstance(text_config, dict) else data
+    widths = [config.get("hidden_size"), config.get("intermediate_size")]
+    heads, head_dim = config.get("num_attention_heads"), config.get("head_dim")
+    if isinstance(heads, int) and isinstance(head_dim, int):
+        widths.append(heads * head_dim)  # the attention output projection's input
+    return [w for w in widths if isinstance(w, int) and not isinstance(w, bool) and w > 0]
 
 
 def _optimum_intel_installed() -> bool:
@@ -669,6 +777,29 @@ def _optimum_intel_installed() -> bool:
         return importlib.util.find_spec("optimum.intel") is not None
     except ImportError:  # find_spec imports the parent package, and optimum itself may be missing
         return False
+
+
+def export_environment_commands(venv: str = "~/.venvs/ov-export") -> list[str]:
+    """Shell commands that make a virtual environment able to run the export.
+
+    It sees this environment's packages (``--system-site-packages``), so torch and OpenVINO are
+    reused at their installed versions (pinned, so pip downloads neither) and only optimum-intel
+    with the older transformers it needs goes into the venv. optimum-intel also pulls
+    torchvision, whose PyPI build does not load next to a CPU-only torch; text models never use
+    it, so it is removed when it cannot be imported.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    pins: list[str] = []
+    for name in _SHARED_PACKAGES:
+        with contextlib.suppress(PackageNotFoundError):
+            pins.append(f"{name}=={version(name).split('+', 1)[0]}")
+    pip = f"{venv}/bin/pip"
+    return [
+        f"python -m venv --system-site-packages {venv}",
+        f"{pip} install 'optimum-intel[openvino]' " + " ".join(f"'{pin}'" for pin in pins),
+        f"{venv}/bin/python -c 'import torchvision' 2>/dev/null || {pip} uninstall -y torchvision",
+    ]
 
 
 @hookimpl
@@ -687,40 +818,47 @@ def register_commands(cli: Any) -> None:
         help="weight compression of the exported IR",
     )
     @click.option(
-        "--group-size", type=int, default=None, help="int4 group size (default: one dividing hidden_size)"
+        "--group-size",
+        type=int,
+        default=None,
+        help="int4 group size (default: the largest of 128/64/32/16 dividing the layer widths)",
     )
     def export_openvino(model: str, out: str, weights: str, group_size: int | None) -> None:
-        """Convert a local Hugging Face model directory MODEL to an OpenVINO IR directory OUT.
+        """Convert a local Hugging Face model directory MODEL to an OpenVINO IR directory OUT
+        (the model, its converted tokenizer and detokenizer).
 
-        Needs optimum-intel; serve the result with: chatstream serve --engine openvino --model OUT
+        Needs optimum-intel; without it, prints how to export in a separate environment.
+        Serve the result with: chatstream serve --engine openvino --model OUT
         """
         import shlex
         import subprocess
         import sys
 
-        if weights == "int4" and group_size is None:
-            hidden = _hidden_size(model)
-            group_size = int4_group_size(hidden) if hidden else 64
-        elif group_size is not None and weights == "int4":
-            hidden = _hidden_size(model)
-            if hidden and group_size > 0 and hidden % group_size:
+        if weights == "int4":
+            widths = _matmul_widths(model)
+            if group_size is None:
+                group_size = int4_group_size(*widths) if widths else 64
+            elif group_size > 0 and any(width % group_size for width in widths):
                 raise click.BadParameter(
-                    f"{group_size} does not divide hidden_size {hidden}: use {int4_group_size(hidden)}",
+                    f"{group_size} does not divide the layer widths {widths} (config.json): "
+                    f"use --group-size {int4_group_size(*widths)}",
                     param_hint="--group-size",
                 )
         command = export_command(model, out, weights, group_size)
         if not _optimum_intel_installed():
+            venv = "~/.venvs/ov-export"
+            steps = "\n".join(f"  {line}" for line in export_environment_commands(venv))
             click.echo(
                 "optimum-intel is not installed here (it pins an older transformers than chatstream "
                 "needs), so export in a separate virtual environment:\n\n"
-                "  python -m venv ~/.venvs/ov-export\n"
-                "  ~/.venvs/ov-export/bin/pip install 'optimum-intel[openvino]' nncf\n"
-                f"  ~/.venvs/ov-export/bin/{shlex.join(command)}\n\n"
+                f"{steps}\n  {venv}/bin/{shlex.join(command)}\n\n"
                 f"then serve it: chatstream serve --engine openvino --model {shlex.quote(out)}",
                 err=True,
             )
             sys.exit(1)
-        sys.exit(subprocess.call(command))
+        # The optimum-cli of this interpreter, found without relying on PATH (a venv's python run
+        # directly has its bin/ off PATH).
+        sys.exit(subprocess.call([sys.executable, "-m", "optimum.commands.optimum_cli", *command[1:]]))
 
 
 @hookimpl
