@@ -41,7 +41,7 @@ from typing import Any
 
 from chatstream.detokenize import TokenTextStream
 from chatstream.hookspecs import hookimpl
-from chatstream.plugins.engines.transformers_engine import _added_around, _split_literal_spans
+from chatstream.tokenization import encode_with_literal_spans
 from chatstream.types import (
     EngineConfig,
     FinishReason,
@@ -510,17 +510,20 @@ class OpenVINOEngine:
         ids = tokenizer.encode(text, add_special_tokens=add_special_tokens is not False)
         if not literal_spans:
             return ids
+
+        def encode_piece(piece: str, literal: bool) -> list[int]:
+            return tokenizer.encode_plain(piece) if literal else tokenizer.encode(piece, False)
+
         # Every special string the tokenizer matched anywhere in the prompt (the template's own
         # markers and any a message holds); only the messages that hold one are re-tokenized.
-        pieces = _split_literal_spans(text, literal_spans, tokenizer.special_strings(ids))
-        if not any(literal for _, literal in pieces):
-            return ids
-        body: list[int] = []
-        for piece, literal in pieces:
-            body += tokenizer.encode_plain(piece) if literal else tokenizer.encode(piece, False)
-        # BOS/EOS that the tokenizer adds around the whole text, kept as they are.
-        prefix, suffix = _added_around(ids, tokenizer.encode(text, add_special_tokens=False))
-        return prefix + body + suffix
+        return encode_with_literal_spans(
+            text,
+            ids,
+            literal_spans,
+            tokenizer.special_strings(ids),
+            encode_piece,
+            lambda whole: tokenizer.encode(whole, add_special_tokens=False),
+        )
 
     def count_tokens(self, text: str) -> int:
         """How many tokens ``text`` encodes to as a prompt."""

@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 from chatstream.detokenize import TokenTextStream
 from chatstream.hookspecs import hookimpl
 from chatstream.recording import GenerationRecord, RecordedDelta, RecordingWriter
+from chatstream.tokenization import encode_hf_prompt
 from chatstream.types import (
     EngineConfig,
     FinishReason,
@@ -281,21 +282,7 @@ class TransformersEngine:
             raise RuntimeError("the engine has no tokenizer yet: await engine.start() first")
         if add_special_tokens is None:
             add_special_tokens = self.config.add_special_tokens
-        kwargs = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
-        ids: list[int] = list(self.tokenizer(text, **kwargs)["input_ids"])
-        if not literal_spans:
-            return ids
-        pieces = _split_literal_spans(text, literal_spans, _special_token_strings(self.tokenizer))
-        if not any(literal for _, literal in pieces):
-            # No content carries a special-token string: tokenize exactly as a plain prompt.
-            return ids
-        body: list[int] = []
-        for piece, literal in pieces:
-            body += self.tokenizer(piece, add_special_tokens=False, split_special_tokens=literal)["input_ids"]
-        # BOS/EOS that the tokenizer's post-processor adds around the whole text, kept as they are.
-        bare: list[int] = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        prefix, suffix = _added_around(ids, bare)
-        return prefix + body + suffix
+        return encode_hf_prompt(self.tokenizer, text, add_special_tokens, literal_spans)
 
     def count_tokens(self, text: str) -> int:
         """How many tokens ``text`` encodes to as a prompt."""
@@ -732,50 +719,6 @@ async def _next_items(source: asyncio.Queue[Any]) -> list[Any]:
     while not source.empty():
         items.append(source.get_nowait())
     return items
-
-
-def _special_token_strings(tokenizer: Any) -> set[str]:
-    """The strings the tokenizer turns into special tokens (``<|im_start|>``, ``</s>``, ...)."""
-    strings = {str(token) for token in getattr(tokenizer, "all_special_tokens", ()) or ()}
-    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
-    strings.update(str(token) for token in decoder.values() if getattr(token, "special", False))
-    return {s for s in strings if s}
-
-
-def _split_literal_spans(text: str, spans: Sequence[str], specials: set[str]) -> list[tuple[str, bool]]:
-    """``text`` cut into ``(piece, literal)`` pieces: a literal piece is one of ``spans`` that holds a
-    special-token string.
-
-    Spans are found in order, each after the previous one; every span (literal or not) moves the
-    search on, so a message is looked for only in the template text just before it. A span not
-    found is skipped (the prompt was trimmed to fit the context, or rewritten by the format).
-    """
-    pieces: list[tuple[str, bool]] = []
-    cursor = 0
-    for span in spans:
-        if not span:
-            continue
-        start = text.find(span, cursor)
-        if start < 0:
-            continue
-        if any(special in span for special in specials):
-            if start > cursor:
-                pieces.append((text[cursor:start], False))
-            pieces.append((span, True))
-        else:
-            pieces.append((text[cursor : start + len(span)], False))
-        cursor = start + len(span)
-    if cursor < len(text):
-        pieces.append((text[cursor:], False))
-    return pieces
-
-
-def _added_around(ids: list[int], bare: list[int]) -> tuple[list[int], list[int]]:
-    """The ids a post-processor added before and after ``bare`` to make ``ids`` (e.g. BOS, EOS)."""
-    for start in range(len(ids) - len(bare) + 1):
-        if ids[start : start + len(bare)] == bare:
-            return ids[:start], ids[start + len(bare) :]
-    return [], []
 
 
 class SlotKVCache:

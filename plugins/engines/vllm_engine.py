@@ -42,12 +42,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from chatstream.hookspecs import hookimpl
-from chatstream.plugins.engines.transformers_engine import (
-    _added_around,
-    _special_token_strings,
-    _split_literal_spans,
-)
 from chatstream.settings import SettingsError
+from chatstream.tokenization import encode_hf_prompt
 from chatstream.types import (
     EngineConfig,
     FinishReason,
@@ -272,26 +268,6 @@ def sampling_kwargs(
 
 
 # -- prompts -------------------------------------------------------------------------------------------
-def encode_prompt(
-    tokenizer: Any, text: str, add_special_tokens: bool | None = None, literal_spans: Sequence[str] = ()
-) -> list[int]:
-    """Prompt token ids. Special-token strings in the template stay special; inside ``literal_spans``
-    (message contents, in prompt order) they are plain text."""
-    kwargs = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
-    ids: list[int] = list(tokenizer(text, **kwargs)["input_ids"])
-    if not literal_spans:
-        return ids
-    pieces = _split_literal_spans(text, literal_spans, _special_token_strings(tokenizer))
-    if not any(literal for _, literal in pieces):
-        return ids  # no content holds a special-token string: the plain encoding is right
-    body: list[int] = []
-    for piece, literal in pieces:
-        body += tokenizer(piece, add_special_tokens=False, split_special_tokens=literal)["input_ids"]
-    # BOS/EOS that the tokenizer's post-processor adds around the whole text, kept as they are.
-    prefix, suffix = _added_around(ids, list(tokenizer(text, add_special_tokens=False)["input_ids"]))
-    return prefix + body + suffix
-
-
 async def _maybe_await(value: Any) -> Any:
     return await value if inspect.isawaitable(value) else value
 
@@ -396,12 +372,13 @@ class VLLMEngine:
     def encode(
         self, text: str, add_special_tokens: bool | None = None, literal_spans: Sequence[str] = ()
     ) -> list[int]:
-        """Prompt token ids, made with vLLM's tokenizer (see :func:`encode_prompt`)."""
+        """Prompt token ids, made with vLLM's tokenizer; special-token strings inside
+        ``literal_spans`` (message contents) stay text (see :mod:`chatstream.tokenization`)."""
         if self.tokenizer is None:
             raise RuntimeError("the engine has no tokenizer yet: await engine.start() first")
         if add_special_tokens is None:
             add_special_tokens = self.config.add_special_tokens
-        return encode_prompt(self.tokenizer, text, add_special_tokens, literal_spans)
+        return encode_hf_prompt(self.tokenizer, text, add_special_tokens, literal_spans)
 
     def count_tokens(self, text: str) -> int | None:
         """How many tokens ``text`` encodes to as a prompt (None before the engine started)."""
