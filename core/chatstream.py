@@ -20,7 +20,7 @@ import anyio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.types import Send
+from starlette.types import Message, Send
 
 from .admission import Admission, Load, TooManyRequests
 from .pipeline import clamp_params
@@ -658,6 +658,7 @@ class ChatStream:
             ),
             media_type="text/plain; charset=utf-8",
             headers={"X-Message-Id": session.prompt.get_contents()[-1].id, "Cache-Control": "no-cache"},
+            send_timeout_s=self.settings.client_read_timeout_s,
         )
         self.request_handler.finish_response(response, session)
         return response
@@ -914,21 +915,42 @@ class _Outcome:
 
 class ChatStreamingResponse(StreamingResponse):
     """A ``StreamingResponse`` that always closes its body iterator and then runs ``finalizer``,
-    even when the client left before the body started, so a vanished client frees its slot."""
+    even when the client left before the body started, so a vanished client frees its slot.
+
+    With ``send_timeout_s``, a client that reads nothing for that long (the server's send waits on
+    full socket buffers) is treated as gone: the stream ends unfinished and the slot is freed, so a
+    client that stops reading without closing cannot hold a slot forever.
+    """
 
     def __init__(
-        self, content: Any, *, finalizer: Callable[[], Awaitable[None]] | None = None, **kwargs: Any
+        self,
+        content: Any,
+        *,
+        finalizer: Callable[[], Awaitable[None]] | None = None,
+        send_timeout_s: float | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(content, **kwargs)
         self.finalizer = finalizer
+        self.send_timeout_s = send_timeout_s
 
     async def stream_response(self, send: Send) -> None:
+        timeout = self.send_timeout_s
+
+        async def send_in_time(message: Message) -> None:
+            with anyio.fail_after(timeout):
+                await send(message)
+
         try:
-            await super().stream_response(send)
+            await super().stream_response(send if timeout is None else send_in_time)
         except StreamAborted:
             # Return without the last body message: the server closes the connection unfinished
             # (uvicorn logs one line, "returned without completing response"); the cause is logged.
             pass
+        except TimeoutError:
+            logging.getLogger("chatstream").warning(
+                "a client read nothing for %.0f s (client_read_timeout_s): its stream was ended", timeout
+            )
         finally:
             with anyio.CancelScope(shield=True):
                 closer = getattr(self.body_iterator, "aclose", None)

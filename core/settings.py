@@ -156,6 +156,12 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
     shutdown_grace_s: float = Field(30.0, ge=0, description="time in-flight answers get to finish on SIGTERM")
+    client_read_timeout_s: float | None = Field(
+        60.0,
+        gt=0,
+        description="a streamed answer whose client reads nothing for this long is ended and its slot "
+        "freed (None: wait forever)",
+    )
 
     # Plugins.
     plugins: Annotated[list[str] | None, NoDecode] = Field(

@@ -272,6 +272,37 @@ async def test_a_client_that_never_reads_holds_bounded_memory(path: str) -> None
     assert samples[-1] < 20_000
 
 
+@pytest.mark.parametrize("path", ["/chat_stream", "/v1/chat/completions"])
+async def test_a_client_that_stops_reading_loses_its_slot_after_the_read_timeout(path: str) -> None:
+    engine = EndlessEngine()
+    finished = Finished()
+    app, cs = fault_app(engine, finished, num_of_concurrent_executions=1, client_read_timeout_s=0.5)
+    body = (
+        {"user_input": "go"}
+        if path == "/chat_stream"
+        else {"messages": [{"role": "user", "content": "go"}], "stream": True}
+    )
+    with run_live_server(app) as url:
+        port = int(url.rsplit(":", 1)[1])
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        sock.sendall(raw_request(path, body))
+        try:
+            # The connection stays open and unread: only the timeout can free the slot.
+            await wait_idle(cs, timeout_s=10)
+            assert await asyncio.to_thread(engine.closed.wait, 5), "the engine was not closed"
+            async with (
+                httpx.AsyncClient(base_url=url, timeout=10) as client,
+                client.stream("POST", "/chat_stream", json={"user_input": "next"}) as again,
+            ):
+                assert again.status_code == 200  # the one slot serves the next client
+                async for _ in again.aiter_bytes():
+                    break
+        finally:
+            sock.close()
+    assert finished.reasons[0] == "client_disconnected_while_streaming"
+
+
 # -- Redis goes away and comes back ------------------------------------------------------------------
 @pytest.fixture
 def redis(tmp_path: Path) -> Any:

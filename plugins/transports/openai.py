@@ -731,6 +731,7 @@ async def _answer(
         stream,
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        send_timeout_s=cs.settings.client_read_timeout_s,
     )
 
 
