@@ -7,7 +7,8 @@ with the same C prompts at once).
 For each concurrency C it streams C requests at once and reports aggregate tokens/s, time to
 first token and inter-token latency (p50/p95); in the same run it times ``model.generate``
 single-stream and as a static batch of C on the same prompts and lengths. EOS is masked on both
-sides so every request makes exactly ``--new-tokens`` tokens.
+sides so every request makes exactly ``--new-tokens`` tokens. Each figure is the best of
+``--repeat`` runs (served and raw alternate), since on a shared machine interference only slows.
 
 By default the requests go straight to the engine, in-process. With ``--http`` the real server
 (the ``openai`` transport over the same engine, admission and streaming code as ``chatstream
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import platform
 import sys
@@ -259,6 +261,31 @@ def run_generate(
     return elapsed
 
 
+async def best_of(
+    repeat: int, measure: Measure, raw: Callable[[], float], prompts: list[str], new_tokens: int
+) -> tuple[float, list[StreamStats], float]:
+    """``(served tok/s, its streams, raw tok/s)``, each the best of ``repeat`` alternating runs:
+    on a shared machine, interference only ever slows a run down."""
+    served, streams, raw_best = 0.0, [], 0.0
+    for _ in range(repeat):
+        elapsed, stats = await measure(prompts, new_tokens)
+        rate = served_tokens_per_s(elapsed, stats, len(prompts), new_tokens)
+        if rate > served:
+            served, streams = rate, stats
+        raw_best = max(raw_best, raw())
+    return served, streams, raw_best
+
+
+def cpu_steal_share(since: Any) -> float:
+    """Share of CPU time the hypervisor took from this VM since ``since`` (``psutil.cpu_times()``);
+    figures taken while it is high are not comparable to others."""
+    import psutil
+
+    now = psutil.cpu_times()
+    total = sum(now) - sum(since)
+    return (getattr(now, "steal", 0.0) - getattr(since, "steal", 0.0)) / total if total > 0 else 0.0
+
+
 def served_tokens_per_s(elapsed: float, stats: list[StreamStats], c: int, new_tokens: int) -> float:
     """Aggregate tokens/s of one run, after checking every stream made all its tokens."""
     tokens = sum(s.tokens for s in stats)
@@ -350,17 +377,18 @@ async def main_openvino(args: argparse.Namespace) -> None:
         await measure(prompts_for[levels[0]][:1], 4)
         raw_cb(prompts_for[levels[0]][:1])
         raw_llm(prompts_for[levels[0]][0])
-        single_llm = raw_llm(prompts_for[levels[0]][0])
-        single_cb = raw_cb(prompts_for[levels[0]][:1])
+        single_llm = max(raw_llm(prompts_for[levels[0]][0]) for _ in range(args.repeat))
+        single_cb = max(raw_cb(prompts_for[levels[0]][:1]) for _ in range(args.repeat))
         print(
             f"raw LLMPipeline single stream: {single_llm:.1f} tok/s; "
             f"raw CB single stream: {single_cb:.1f} tok/s"
         )
         print_header("raw CB tok/s", args.http)
         for c in levels:
-            elapsed, stats = await measure(prompts_for[c], args.new_tokens)
-            served = served_tokens_per_s(elapsed, stats, c, args.new_tokens)
-            raw = raw_cb(prompts_for[c])
+            prompts = prompts_for[c]
+            served, stats, raw = await best_of(
+                args.repeat, measure, functools.partial(raw_cb, prompts), prompts, args.new_tokens
+            )
             results[c] = (served, raw)
             print_row(c, served, raw, stats)
     await engine.close()
@@ -373,9 +401,19 @@ async def main_openvino(args: argparse.Namespace) -> None:
 
 
 async def main(args: argparse.Namespace) -> None:
-    if args.engine == "openvino":
-        await main_openvino(args)
-        return
+    import psutil
+
+    started = psutil.cpu_times()
+    try:
+        if args.engine == "openvino":
+            await main_openvino(args)
+        else:
+            await main_transformers(args)
+    finally:
+        print(f"CPU steal during the run: {cpu_steal_share(started):.0%}")
+
+
+async def main_transformers(args: argparse.Namespace) -> None:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.llama_config:
         model, tokenizer = random_llama(args.llama_config, device)
@@ -411,16 +449,21 @@ async def main(args: argparse.Namespace) -> None:
         await measure(prompts_for[levels[0]][:1], 4)
         run_generate(model, tokenizer, prompts_for[levels[0]][:1], 4, eos)
 
-        raw_single = args.new_tokens / run_generate(
-            model, tokenizer, prompts_for[levels[0]][:1], args.new_tokens, eos
+        raw_single = max(
+            args.new_tokens / run_generate(model, tokenizer, prompts_for[levels[0]][:1], args.new_tokens, eos)
+            for _ in range(args.repeat)
         )
         print(f"raw generate single stream: {raw_single:.1f} tok/s")
         print_header("raw static tok/s", args.http)
+
+        def static_batch(prompts: list[str]) -> float:
+            seconds = run_generate(model, tokenizer, prompts, args.new_tokens, eos)
+            return len(prompts) * args.new_tokens / seconds
+
         for c in levels:
-            elapsed, stats = await measure(prompts_for[c], args.new_tokens)
-            served = served_tokens_per_s(elapsed, stats, c, args.new_tokens)
-            seconds = run_generate(model, tokenizer, prompts_for[c], args.new_tokens, eos)
-            static = c * args.new_tokens / seconds
+            prompts = prompts_for[c]
+            raw = functools.partial(static_batch, prompts)
+            served, stats, static = await best_of(args.repeat, measure, raw, prompts, args.new_tokens)
             results[c] = (served, static)
             print_row(c, served, static, stats)
     await engine.close()
@@ -448,6 +491,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         choices=["f32", "bf16", "f16", "default"],
         help="openvino only: OpenVINO inference precision (default f32)",
     )
+    parser.add_argument("--repeat", type=int, default=3, help="runs per measurement, best kept (default 3)")
     parser.add_argument(
         "--kv-cache",
         default="dynamic",
