@@ -16,11 +16,8 @@ from typing import Any
 
 import pytest
 
-from chatstream.plugins.engines.openvino_engine import (
-    OpenVINOEngine,
-    UnsupportedSamplingError,
-    int4_group_size,
-)
+from chatstream.plugins.engines.openvino_engine import OpenVINOEngine, int4_group_size
+from chatstream.runtime_sampling import UnsupportedSamplingError
 from chatstream.types import EngineConfig, FinishReason, GenerationParams, GenerationRequest, TextDelta
 
 HAVE_GENAI = importlib.util.find_spec("openvino_genai") is not None

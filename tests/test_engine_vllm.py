@@ -26,11 +26,11 @@ import pytest
 from chatstream.app import create_app
 from chatstream.chatstream import ChatStream
 from chatstream.plugins.engines.vllm_engine import (
-    UnsupportedSamplingError,
     VLLMEngine,
     VLLMNotInstalledError,
     sampling_kwargs,
 )
+from chatstream.runtime_sampling import UnsupportedSamplingError
 from chatstream.settings import SettingsError, load_settings
 from chatstream.testing import isolated_plugins, run_live_server
 from chatstream.types import EngineConfig, FinishReason, GenerationParams, GenerationRequest, TextDelta

@@ -39,39 +39,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from chatstream import runtime_sampling
 from chatstream.detokenize import TokenTextStream
 from chatstream.hookspecs import hookimpl
+from chatstream.runtime_sampling import Runtime
 from chatstream.tokenization import encode_with_literal_spans
 from chatstream.types import (
     EngineConfig,
     FinishReason,
     GenerationParams,
     GenerationRequest,
-    RowInfo,
     TextDelta,
 )
 
 log = logging.getLogger(__name__)
 
+RUNTIME = Runtime("openvino", "OpenVINO GenAI", "GenAI")
 ENGINE_NAME = "openvino"
 INSTALL_HINT = "pip install 'openvino-genai>=2025.2'"
 IR_FILE = "openvino_model.xml"
-# What GenAI's sampler implements, by the name of the chatstream processor it replaces.
-SUPPORTED_STEPS = ("repetition", "frequency", "presence", "temperature", "top_k", "top_p", "min_p")
 PRECISIONS = ("f32", "bf16", "f16", "default")
 DEVICES = ("CPU", "GPU", "NPU", "AUTO")
 _OPTION_NAMES = ("device", "inference_precision", "kv_cache_gb", "num_threads", "pipeline")
-# GenAI counts the prompt for the repetition penalty and only generated tokens for frequency and
-# presence (OpenAI's rule); a chatstream penalty configured otherwise cannot be served here.
-_GENAI_INCLUDES_PROMPT = {"repetition": True, "frequency": False, "presence": False}
 
 
 class EngineError(RuntimeError):
     """Generation failed inside OpenVINO GenAI (the message says why); the request ended."""
-
-
-class UnsupportedSamplingError(ValueError):
-    """A sampling step or parameter that OpenVINO GenAI cannot run; the message names it."""
 
 
 def import_genai() -> Any:
@@ -264,83 +257,14 @@ def parse_options(config: EngineConfig) -> OpenVINOOptions:
     return OpenVINOOptions(device, precision, float(kv_cache), threads)
 
 
-def pipeline_steps(config: EngineConfig) -> list[tuple[str, dict[str, Any]]] | None:
-    """The operator's ``sampling.pipeline`` as ``(name, options)``, or None when there is none.
-
-    Taken from the ``pipeline`` plugin option when given, else read from the builder made by
-    :func:`chatstream.pipeline.make_pipeline_builder` (it keeps its checked steps).
-    """
-    named = config.options.get("pipeline")
-    if named is not None:
-        if not isinstance(named, (list, tuple)) or not all(isinstance(n, str) for n in named):
-            raise ValueError(
-                f"plugin_config.openvino.pipeline={named!r} is invalid: use a list of processor names"
-            )
-        return [(name, {}) for name in named]
-    build = config.build_pipeline
-    if build is None:
-        return None
-    # make_pipeline_builder's ``build`` carries its checked ``steps``: (name, options).
-    steps = getattr(build, "steps", None)
-    if steps is None:
-        return []  # unknown builder: checked by probing in check_pipeline
-    return [(name, dict(options)) for name, options in steps]
-
-
 def check_pipeline(config: EngineConfig) -> frozenset[str]:
-    """The sampling steps GenAI will run; raises ``UnsupportedSamplingError`` for any it cannot."""
-    steps = pipeline_steps(config)
-    if steps is None:
-        return frozenset(SUPPORTED_STEPS)
-    if not steps and config.build_pipeline is not None:
-        # A builder we cannot read: a neutral greedy row must need no processor at all.
-        probe = config.build_pipeline(
-            [RowInfo(params=GenerationParams(temperature=0, top_k=0), prompt_len=1)]
-        )
-        if probe:
-            names = ", ".join(type(p).__name__ for p in probe)
-            raise UnsupportedSamplingError(
-                f"the logits pipeline runs {names}, which OpenVINO GenAI cannot run; set "
-                "plugin_config.openvino.pipeline to the sampling.pipeline names, or use engine 'transformers'"
-            )
-        return frozenset(SUPPORTED_STEPS)
-    for name, options in steps:
-        if name not in SUPPORTED_STEPS:
-            raise UnsupportedSamplingError(
-                f"sampling.pipeline step {name!r} cannot run on the 'openvino' engine (OpenVINO GenAI "
-                f"samples inside its own runtime and supports only {', '.join(SUPPORTED_STEPS)}); "
-                f"remove {name!r} from sampling.pipeline or use engine 'transformers'"
-            )
-        if options.get("window") is not None:
-            raise UnsupportedSamplingError(
-                f"sampling.processors.{name}.window={options['window']!r} cannot run on the 'openvino' "
-                "engine (GenAI penalises the whole history): remove the option or use engine 'transformers'"
-            )
-        include = options.get("include_prompt")
-        if include is not None and include != _GENAI_INCLUDES_PROMPT.get(name, include):
-            raise UnsupportedSamplingError(
-                f"sampling.processors.{name}.include_prompt={include!r} cannot run on the 'openvino' "
-                f"engine (GenAI's {name} penalty {'counts' if not include else 'does not count'} the "
-                "prompt): remove the option or use engine 'transformers'"
-            )
-    return frozenset(name for name, _ in steps)
+    """The sampling steps the runtime will run (see :func:`chatstream.runtime_sampling.check_pipeline`)."""
+    return runtime_sampling.check_pipeline(config, RUNTIME)
 
 
 def check_params(params: GenerationParams) -> None:
-    """Refuse parameters OpenVINO GenAI cannot honour (a ``UnsupportedSamplingError`` naming them)."""
-    rules = (
-        ("repetition", "multiplicative", "GenAI's repetition penalty divides positive logits"),
-        ("frequency", "subtractive", "GenAI's frequency penalty is OpenAI's subtractive rule"),
-        ("presence", "subtractive", "GenAI's presence penalty is OpenAI's subtractive rule"),
-    )
-    for name, method, why in rules:
-        value = getattr(params, f"{name}_penalty")
-        used = getattr(params, f"{name}_penalty_method")
-        if value is not None and used != method:
-            raise UnsupportedSamplingError(
-                f"{name}_penalty_method={used!r} is not supported by the 'openvino' engine ({why}); "
-                f"use {name}_penalty_method={method!r} or the 'transformers' engine"
-            )
+    """Refuse parameters the runtime cannot honour (see :mod:`chatstream.runtime_sampling`)."""
+    runtime_sampling.check_params(params, RUNTIME)
 
 
 def generation_config(

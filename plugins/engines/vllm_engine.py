@@ -41,7 +41,9 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from chatstream import runtime_sampling
 from chatstream.hookspecs import hookimpl
+from chatstream.runtime_sampling import Runtime, UnsupportedSamplingError
 from chatstream.settings import SettingsError
 from chatstream.tokenization import encode_hf_prompt
 from chatstream.types import (
@@ -49,16 +51,14 @@ from chatstream.types import (
     FinishReason,
     GenerationParams,
     GenerationRequest,
-    RowInfo,
     TextDelta,
 )
 
 log = logging.getLogger(__name__)
 
+RUNTIME = Runtime("vllm", "vLLM", "vLLM")
 ENGINE_NAME = "vllm"
 INSTALL_HINT = "pip install vllm"
-# What vLLM's sampler implements, by the name of the chatstream processor it replaces.
-SUPPORTED_STEPS = ("repetition", "frequency", "presence", "temperature", "top_k", "top_p", "min_p")
 _OPTION_NAMES = ("dtype", "gpu_memory_utilization", "tokenizer", "engine_args", "pipeline")
 # Engine arguments chatstream sets itself, and where the operator sets them instead.
 _OWN_ARGS = {
@@ -69,19 +69,12 @@ _OWN_ARGS = {
     "gpu_memory_utilization": "plugin_config.vllm.gpu_memory_utilization",
     "tokenizer": "plugin_config.vllm.tokenizer",
 }
-# vLLM counts the prompt for the repetition penalty and only generated tokens for frequency and
-# presence (OpenAI's rule); a chatstream penalty configured otherwise cannot be served here.
-_VLLM_INCLUDES_PROMPT = {"repetition": True, "frequency": False, "presence": False}
 # vLLM's CompletionOutput.finish_reason values.
 _FINISH_REASONS = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "abort": FinishReason.CANCELLED}
 
 
 class VLLMNotInstalledError(SettingsError, ImportError):
     """``engine = "vllm"`` where vLLM cannot be imported; the message says how to install it."""
-
-
-class UnsupportedSamplingError(ValueError):
-    """A sampling step or parameter that vLLM cannot run; the message names it."""
 
 
 def import_vllm() -> Any:
@@ -153,82 +146,14 @@ def parse_options(config: EngineConfig) -> VLLMOptions:
     return VLLMOptions(dtype, float(share), tokenizer, dict(extra))
 
 
-def pipeline_steps(config: EngineConfig) -> list[tuple[str, dict[str, Any]]] | None:
-    """The operator's ``sampling.pipeline`` as ``(name, options)``, or None when there is none.
-
-    Taken from the ``pipeline`` plugin option when given, else read from the builder made by
-    :func:`chatstream.pipeline.make_pipeline_builder` (it keeps its checked steps).
-    """
-    named = config.options.get("pipeline")
-    if named is not None:
-        if not isinstance(named, (list, tuple)) or not all(isinstance(n, str) for n in named):
-            raise ValueError(
-                f"plugin_config.vllm.pipeline={named!r} is invalid: use a list of processor names"
-            )
-        return [(name, {}) for name in named]
-    build = config.build_pipeline
-    if build is None:
-        return None
-    steps = getattr(build, "steps", None)
-    if steps is None:
-        return []  # a builder that does not list its steps: probed in check_pipeline
-    return [(name, dict(options)) for name, options in steps]
-
-
 def check_pipeline(config: EngineConfig) -> frozenset[str]:
-    """The sampling steps vLLM will run; raises ``UnsupportedSamplingError`` for any it cannot."""
-    steps = pipeline_steps(config)
-    if steps is None:
-        return frozenset(SUPPORTED_STEPS)
-    if not steps and config.build_pipeline is not None:
-        # A builder we cannot read: a neutral greedy row must need no processor at all.
-        probe = config.build_pipeline(
-            [RowInfo(params=GenerationParams(temperature=0, top_k=0), prompt_len=1)]
-        )
-        if probe:
-            names = ", ".join(type(p).__name__ for p in probe)
-            raise UnsupportedSamplingError(
-                f"the logits pipeline runs {names}, which vLLM cannot run; set "
-                "plugin_config.vllm.pipeline to the sampling.pipeline names, or use engine 'transformers'"
-            )
-        return frozenset(SUPPORTED_STEPS)
-    for name, options in steps:
-        if name not in SUPPORTED_STEPS:
-            raise UnsupportedSamplingError(
-                f"sampling.pipeline step {name!r} cannot run on the 'vllm' engine (vLLM samples inside "
-                f"its own runtime and supports only {', '.join(SUPPORTED_STEPS)}); remove {name!r} "
-                "from sampling.pipeline or use engine 'transformers'"
-            )
-        if options.get("window") is not None:
-            raise UnsupportedSamplingError(
-                f"sampling.processors.{name}.window={options['window']!r} cannot run on the 'vllm' "
-                "engine (vLLM penalises the whole history): remove the option or use engine 'transformers'"
-            )
-        include = options.get("include_prompt")
-        if include is not None and include != _VLLM_INCLUDES_PROMPT.get(name, include):
-            raise UnsupportedSamplingError(
-                f"sampling.processors.{name}.include_prompt={include!r} cannot run on the 'vllm' "
-                f"engine (vLLM's {name} penalty {'counts' if not include else 'does not count'} the "
-                "prompt): remove the option or use engine 'transformers'"
-            )
-    return frozenset(name for name, _ in steps)
+    """The sampling steps the runtime will run (see :func:`chatstream.runtime_sampling.check_pipeline`)."""
+    return runtime_sampling.check_pipeline(config, RUNTIME)
 
 
 def check_params(params: GenerationParams) -> None:
-    """Refuse parameters vLLM cannot honour (an ``UnsupportedSamplingError`` naming them)."""
-    rules = (
-        ("repetition", "multiplicative", "vLLM's repetition penalty divides positive logits"),
-        ("frequency", "subtractive", "vLLM's frequency penalty is OpenAI's subtractive rule"),
-        ("presence", "subtractive", "vLLM's presence penalty is OpenAI's subtractive rule"),
-    )
-    for name, method, why in rules:
-        value = getattr(params, f"{name}_penalty")
-        used = getattr(params, f"{name}_penalty_method")
-        if value is not None and used != method:
-            raise UnsupportedSamplingError(
-                f"{name}_penalty_method={used!r} is not supported by the 'vllm' engine ({why}); "
-                f"use {name}_penalty_method={method!r} or the 'transformers' engine"
-            )
+    """Refuse parameters the runtime cannot honour (see :mod:`chatstream.runtime_sampling`)."""
+    runtime_sampling.check_params(params, RUNTIME)
 
 
 def sampling_kwargs(
