@@ -41,6 +41,7 @@ from typing import Any
 
 from chatstream import runtime_sampling
 from chatstream.detokenize import TokenTextStream
+from chatstream.engine_queue import check_prompt_room, deliver, id_batches, text_deltas
 from chatstream.hookspecs import hookimpl
 from chatstream.runtime_sampling import Runtime
 from chatstream.tokenization import encode_with_literal_spans
@@ -457,14 +458,7 @@ class OpenVINOEngine:
     def _submit(self, prompt_ids: list[int], params: GenerationParams) -> _Request:
         if self._thread is None:
             raise RuntimeError("the engine is not running: await engine.start() first")
-        if not prompt_ids:
-            raise ValueError("the prompt is empty: give at least one token of prompt text")
-        room = self.context_len - len(prompt_ids)
-        if room < 1:
-            raise ValueError(
-                f"the prompt is {len(prompt_ids)} tokens but context_len is {self.context_len}: "
-                "shorten the conversation (prompt_ttl) or raise context_len"
-            )
+        room = check_prompt_room(prompt_ids, self.context_len)
         config = generation_config(
             self._genai, params, self.steps_enabled, min(params.max_new_tokens, room), self.eos_token_ids
         )
@@ -482,16 +476,8 @@ class OpenVINOEngine:
         prompt_ids = self.encode(request.prompt, request.add_special_tokens, request.literal_spans)
         row = self._submit(prompt_ids, request.params)
         try:
-            while True:
-                items = await _next_items(row.queue)
-                ids = [i for item in items if isinstance(item, list) for i in item]
-                if ids:
-                    yield ids
-                last = items[-1]
-                if isinstance(last, BaseException):
-                    raise last
-                if isinstance(last, FinishReason):
-                    return
+            async for ids in id_batches(row.queue):
+                yield ids
         finally:
             self._cancel(row)
 
@@ -500,29 +486,11 @@ class OpenVINOEngine:
         prompt_ids = self.encode(request.prompt, request.add_special_tokens, request.literal_spans)
         row = self._submit(prompt_ids, request.params)
         assert self.tokenizer is not None
-        stream = TokenTextStream(self.tokenizer, prompt_ids, request.stop)
         try:
-            while True:
-                items = await _next_items(row.queue)
-                parts: list[str] = []
-                reason: FinishReason | None = None
-                for item in items:
-                    if isinstance(item, list):
-                        parts.append(stream.add(item))
-                        if stream.stopped:
-                            reason = FinishReason.STOP
-                            break
-                    elif isinstance(item, FinishReason):
-                        reason = item
-                    else:
-                        raise item
-                if reason is not None:
-                    parts.append(stream.finish())
-                    yield TextDelta("".join(parts), stream.tokens, reason)
-                    return
-                text = "".join(parts)
-                if text:
-                    yield TextDelta(text, stream.tokens)
+            async for delta in text_deltas(
+                row.queue, TokenTextStream(self.tokenizer, prompt_ids, request.stop)
+            ):
+                yield delta
         finally:
             self._cancel(row)
 
@@ -538,7 +506,7 @@ class OpenVINOEngine:
                 except Exception as exc:
                     log.exception("openvino generation step failed")
                     error = EngineError(f"generation failed: {type(exc).__name__}: {exc}")
-                    self._deliver([(row, error) for row in running])
+                    deliver([(row, error) for row in running])
                     for row in running:
                         row.done = True
                         with contextlib.suppress(Exception):
@@ -549,7 +517,7 @@ class OpenVINOEngine:
             for row in running:
                 with contextlib.suppress(Exception):
                     row.handle.cancel()
-            self._deliver([(row, FinishReason.CANCELLED) for row in running])
+            deliver([(row, FinishReason.CANCELLED) for row in running])
             self.active_rows = 0
 
     def _drain(self, running: list[_Request], block: bool) -> bool:
@@ -613,29 +581,7 @@ class OpenVINOEngine:
                 row.done = True
                 running.remove(row)
         self.active_rows = len(running)  # before delivering, so a finished stream sees it current
-        self._deliver(items)
-
-    def _deliver(self, items: Sequence[tuple[_Request, Any]]) -> None:
-        """Hand items to their requests' queues: one thread-safe call per event loop."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Any], Any]]] = {}
-        for row, item in items:
-            by_loop.setdefault(row.loop, []).append((row.queue, item))
-        for loop, puts in by_loop.items():
-            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
-                loop.call_soon_threadsafe(_put_all, puts)
-
-
-def _put_all(puts: list[tuple[asyncio.Queue[Any], Any]]) -> None:
-    for target, item in puts:
-        target.put_nowait(item)
-
-
-async def _next_items(source: asyncio.Queue[Any]) -> list[Any]:
-    """Wait for at least one item, then take everything already queued."""
-    items = [await source.get()]
-    while not source.empty():
-        items.append(source.get_nowait())
-    return items
+        deliver(items)
 
 
 def _eos_token_ids(pipeline: Any, tokenizer: OpenVINOTokenizer) -> list[int]:

@@ -33,7 +33,6 @@ thread writes the files when the request ends. Cancelled requests are not record
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import logging
 import os
@@ -45,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from chatstream.detokenize import TokenTextStream
+from chatstream.engine_queue import check_prompt_room, deliver, id_batches, text_deltas
 from chatstream.hookspecs import hookimpl
 from chatstream.recording import GenerationRecord, RecordedDelta, RecordingWriter
 from chatstream.tokenization import encode_hf_prompt
@@ -294,13 +294,7 @@ class TransformersEngine:
     ) -> _Row:
         if self._thread is None:
             raise RuntimeError("the engine is not running: await engine.start() first")
-        if not prompt_ids:
-            raise ValueError("the prompt is empty: give at least one token of prompt text")
-        if len(prompt_ids) >= self.context_len:
-            raise ValueError(
-                f"the prompt is {len(prompt_ids)} tokens but context_len is {self.context_len}: "
-                "shorten the conversation (prompt_ttl) or raise context_len"
-            )
+        check_prompt_room(prompt_ids, self.context_len)
         row = _Row(
             prompt_ids=prompt_ids,
             params=params,
@@ -330,16 +324,8 @@ class TransformersEngine:
             request.request_id,
         )
         try:
-            while True:
-                items = await _next_items(row.queue)
-                ids = [item for item in items if isinstance(item, int)]
-                if ids:
-                    yield ids
-                last = items[-1]
-                if isinstance(last, BaseException):
-                    raise last
-                if isinstance(last, FinishReason):
-                    return
+            async for ids in id_batches(row.queue):
+                yield ids
         finally:
             self._cancel(row)
 
@@ -352,36 +338,19 @@ class TransformersEngine:
         stream = TokenTextStream(self.tokenizer, prompt_ids, request.stop)
         deltas: list[RecordedDelta] = []
         try:
-            while True:
-                items = await _next_items(row.queue)
-                parts: list[str] = []
-                reason: FinishReason | None = None
-                for item in items:
-                    if isinstance(item, int):
-                        parts.append(stream.add((item,)))
-                        if stream.stopped:
-                            reason = FinishReason.STOP
-                            break
-                    elif isinstance(item, FinishReason):
-                        reason = item
-                    else:
-                        raise item
-                tokens = stream.tokens
-                if reason is not None:
-                    parts.append(stream.finish())
-                    text = "".join(parts)
-                    if recording and reason in (FinishReason.STOP, FinishReason.LENGTH):
-                        deltas.append(RecordedDelta(text, tokens, time.monotonic() - started, reason.value))
+            async for delta in text_deltas(row.queue, stream):
+                reason = delta.finish_reason
+                if recording and reason in (None, FinishReason.STOP, FinishReason.LENGTH):
+                    elapsed = time.monotonic() - started
+                    deltas.append(
+                        RecordedDelta(delta.text, delta.tokens, elapsed, reason.value if reason else None)
+                    )
+                    if reason is not None:
                         # EOS is a sampled step the consumer never sees as a token.
                         ended_on_eos = reason == FinishReason.STOP and not stream.stopped
-                        self._record(request, prompt_ids, row, deltas, tokens + int(ended_on_eos), tokens)
-                    yield TextDelta(text, tokens=tokens, finish_reason=reason)
-                    return
-                text = "".join(parts)
-                if text:
-                    if recording:
-                        deltas.append(RecordedDelta(text, tokens, time.monotonic() - started))
-                    yield TextDelta(text, tokens=tokens)
+                        steps = delta.tokens + int(ended_on_eos)
+                        self._record(request, prompt_ids, row, deltas, steps, delta.tokens)
+                yield delta
         finally:
             self._cancel(row)
 
@@ -454,14 +423,14 @@ class TransformersEngine:
                     log.exception("generation step failed")
                     failed = (batch.rows if batch is not None else []) + waiting
                     error = EngineError(f"generation failed: {type(exc).__name__}: {exc}")
-                    self._deliver([(row, error) for row in failed])
+                    deliver([(row, error) for row in failed])
                     for row in failed:
                         row.done = True
                     batch, waiting = None, []
                 self.active_rows = len(batch.rows) if batch is not None else 0
                 self.waiting_rows = len(waiting)
         leftover = (batch.rows if batch is not None else []) + waiting
-        self._deliver([(row, FinishReason.CANCELLED) for row in leftover])
+        deliver([(row, FinishReason.CANCELLED) for row in leftover])
         self.active_rows = self.waiting_rows = 0
 
     def _drain_incoming(self, waiting: list[_Row], block: bool) -> bool:
@@ -476,16 +445,6 @@ class TransformersEngine:
                 item = self._incoming.get_nowait()
         except queue.Empty:
             return False
-
-    def _deliver(self, items: Sequence[tuple[_Row, Any]]) -> None:
-        """Hand items to their requests' queues: one thread-safe call per event loop."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Any], Any]]] = {}
-        for row, item in items:
-            by_loop.setdefault(row.loop, []).append((row.queue, item))
-        for loop, puts in by_loop.items():
-            # A closed event loop raises RuntimeError: nobody is listening any more.
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(_put_all, puts)
 
     def _forward(self, **kwargs: Any) -> tuple[torch.Tensor, Any]:
         out = self.model(use_cache=True, return_dict=True, **kwargs)
@@ -628,7 +587,7 @@ class TransformersEngine:
                 items.append((row, _REASON_CODES[code]))
                 row.done = True
             keep.append(not code and not row.cancelled)
-        self._deliver(items)
+        deliver(items)
         return self._drop_rows(batch, keep, first_slot)
 
     def _drop_rows(self, batch: _Batch, keep: list[bool], first_slot: int = 0) -> _Batch | None:
@@ -706,19 +665,6 @@ def _merge(a: _Batch, b: _Batch) -> _Batch:
         processors=None,
         generators=a.generators + b.generators,
     )
-
-
-def _put_all(puts: list[tuple[asyncio.Queue[Any], Any]]) -> None:
-    for target, item in puts:
-        target.put_nowait(item)
-
-
-async def _next_items(source: asyncio.Queue[Any]) -> list[Any]:
-    """Wait for at least one item, then take everything already queued (a slow reader catches up)."""
-    items = [await source.get()]
-    while not source.empty():
-        items.append(source.get_nowait())
-    return items
 
 
 class SlotKVCache:

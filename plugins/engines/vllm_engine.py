@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from chatstream import runtime_sampling
+from chatstream.engine_queue import check_prompt_room
 from chatstream.hookspecs import hookimpl
 from chatstream.runtime_sampling import Runtime, UnsupportedSamplingError
 from chatstream.settings import SettingsError
@@ -324,13 +325,7 @@ class VLLMEngine:
             raise RuntimeError("the engine is not running: await engine.start() first")
         engine = self.engine
         prompt_ids = self.encode(request.prompt, request.add_special_tokens, request.literal_spans)
-        if not prompt_ids:
-            raise ValueError("the prompt is empty: give at least one token of prompt text")
-        if len(prompt_ids) >= self.context_len:
-            raise ValueError(
-                f"the prompt is {len(prompt_ids)} tokens but context_len is {self.context_len}: "
-                "shorten the conversation (prompt_ttl) or raise context_len"
-            )
+        check_prompt_room(prompt_ids, self.context_len)
         sampling = self.sampling_params(request.params, len(prompt_ids), request.stop)
         # vLLM needs ids unique among running requests; chatstream's id leads, for the logs.
         request_id = f"{request.request_id or uuid.uuid4().hex}-{next(self._ids)}"
