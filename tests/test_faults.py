@@ -242,20 +242,26 @@ class EndlessEngine(MockEngine):
             self.closed.set()
 
 
-@pytest.mark.parametrize("path", ["/chat_stream", "/v1/chat/completions"])
-async def test_a_client_that_never_reads_holds_bounded_memory(path: str) -> None:
-    engine = EndlessEngine()
-    app, cs = fault_app(engine, num_of_concurrent_executions=1)
+def start_unread_stream(url: str, path: str) -> socket.socket:
+    """Ask ``path`` for a streamed answer on a raw socket with a small receive buffer, which the
+    caller then never reads."""
     body = (
         {"user_input": "go"}
         if path == "/chat_stream"
         else {"messages": [{"role": "user", "content": "go"}], "stream": True}
     )
+    sock = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    sock.sendall(raw_request(path, body))
+    return sock
+
+
+@pytest.mark.parametrize("path", ["/chat_stream", "/v1/chat/completions"])
+async def test_a_client_that_never_reads_holds_bounded_memory(path: str) -> None:
+    engine = EndlessEngine()
+    app, cs = fault_app(engine, num_of_concurrent_executions=1)
     with run_live_server(app) as url:
-        port = int(url.rsplit(":", 1)[1])
-        sock = socket.create_connection(("127.0.0.1", port))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-        sock.sendall(raw_request(path, body))
+        sock = start_unread_stream(url, path)
         # The client reads nothing. The server stops taking tokens once the socket buffers are
         # full: what it holds for this client is bounded, not the whole (endless) answer.
         samples = []
@@ -277,16 +283,8 @@ async def test_a_client_that_stops_reading_loses_its_slot_after_the_read_timeout
     engine = EndlessEngine()
     finished = Finished()
     app, cs = fault_app(engine, finished, num_of_concurrent_executions=1, client_read_timeout_s=0.5)
-    body = (
-        {"user_input": "go"}
-        if path == "/chat_stream"
-        else {"messages": [{"role": "user", "content": "go"}], "stream": True}
-    )
     with run_live_server(app) as url:
-        port = int(url.rsplit(":", 1)[1])
-        sock = socket.create_connection(("127.0.0.1", port))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-        sock.sendall(raw_request(path, body))
+        sock = start_unread_stream(url, path)
         try:
             # The connection stays open and unread: only the timeout can free the slot.
             await wait_idle(cs, timeout_s=10)
