@@ -144,19 +144,17 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(BaseModel):
-    """The body of ``POST /v1/chat/completions`` (the parameters this server understands)."""
+class _GenerationBody(BaseModel):
+    """What both completion bodies share: the model, streaming and the sampling parameters."""
 
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
-    messages: list[Message]
     stream: bool = False
     stream_options: StreamOptions | None = None
     temperature: float | None = None
     top_p: float | None = None
     max_tokens: int | None = None
-    max_completion_tokens: int | None = None
     stop: Any = Field(None, validate_default=True)  # becomes a list of strings
     seed: int | None = None
     n: int | None = None
@@ -167,24 +165,33 @@ class ChatCompletionRequest(BaseModel):
     min_p: float | None = None
     repetition_penalty: float | None = None
     repetition_penalty_method: Literal["multiplicative", "subtractive"] | None = None
-    # Accepted and ignored: they do not change the answer.
+    # Accepted and ignored: it does not change the answer.
     user: str | None = None
-    metadata: dict[str, Any] | None = None
-    store: bool | None = None
-    service_tier: str | None = None
-    parallel_tool_calls: bool | None = None
     # Accepted only with the value that means "off"; anything else is refused, not silently ignored.
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
     logit_bias: dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
 
     @field_validator("stop")
     @classmethod
     def _stop_strings(cls, value: Any) -> list[str]:
         return _stop_list(value)
+
+
+class ChatCompletionRequest(_GenerationBody):
+    """The body of ``POST /v1/chat/completions`` (the parameters this server understands)."""
+
+    messages: list[Message]
+    max_completion_tokens: int | None = None
+    # Accepted and ignored: they do not change the answer.
+    metadata: dict[str, Any] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    parallel_tool_calls: bool | None = None
+    # Accepted only with the value that means "off".
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
 
 
 def _valid_unicode(text: str) -> str:
@@ -208,39 +215,15 @@ def _stop_list(value: Any) -> list[str]:
     return list(stops)
 
 
-class CompletionRequest(BaseModel):
+class CompletionRequest(_GenerationBody):
     """The body of ``POST /v1/completions``: a raw prompt continued as it is."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    model: str | None = None
     prompt: Any = Field(None, validate_default=True)  # missing: the validator names the field
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    max_tokens: int | None = None
-    stop: Any = Field(None, validate_default=True)
-    seed: int | None = None
-    n: int | None = None
     best_of: int | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    repetition_penalty_method: Literal["multiplicative", "subtractive"] | None = None
-    user: str | None = None
     # Accepted only with the value that means "off".
     echo: bool | None = None
     suffix: str | None = None
     logprobs: int | None = None
-    logit_bias: dict[str, Any] | None = None
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_strings(cls, value: Any) -> list[str]:
-        return _stop_list(value)
 
     @field_validator("prompt")
     @classmethod
