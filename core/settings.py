@@ -20,6 +20,7 @@ from pydantic import (
 )
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
     NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
@@ -28,6 +29,31 @@ from pydantic_settings import (
 from pydantic_settings import SettingsError as PydanticSettingsError
 
 from .types import PenaltyMethod
+
+
+def _decode_leaves(value: Any) -> Any:
+    """Env values under ``plugin_config`` arrive as text: each leaf that is JSON (``60``, ``true``,
+    ``["a"]``) becomes that value, any other text stays a string. Plugin options are free-form, so
+    pydantic-settings cannot know their types (its releases differ on whether they decode them)."""
+    if isinstance(value, dict):
+        return {key: _decode_leaves(item) for key, item in value.items()}
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
+class _EnvSource(EnvSettingsSource):
+    """The environment, with ``plugin_config`` leaves decoded as JSON where they are JSON."""
+
+    def __call__(self) -> dict[str, Any]:
+        data = super().__call__()
+        if "plugin_config" in data:
+            data["plugin_config"] = _decode_leaves(data["plugin_config"])
+        return data
+
 
 DEFAULT_PIPELINE = ["repetition", "frequency", "presence", "temperature", "top_k", "top_p", "min_p"]
 
@@ -189,7 +215,7 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        sources: list[PydanticBaseSettingsSource] = [init_settings, _EnvSource(settings_cls)]
         config_file = _config_file.get("path") or os.environ.get("CHATSTREAM_CONFIG")
         if config_file:
             path = Path(config_file)

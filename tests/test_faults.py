@@ -167,9 +167,13 @@ async def test_engine_failing_mid_answer_on_the_openai_endpoint() -> None:
 
 # -- clients vanishing at random points --------------------------------------------------------------
 def raw_request(path: str, body: dict[str, Any], cookie: str = "") -> bytes:
+    """One request that asks the server to close the connection after its response, so a reader
+    waiting for more bytes than a short (refused) response holds sees the end, not a silent
+    keep-alive connection."""
     data = json.dumps(body).encode()
     head = (
-        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+        "Content-Type: application/json\r\n"
         f"Content-Length: {len(data)}\r\n{cookie}\r\n"
     )
     return head.encode() + data
@@ -214,10 +218,17 @@ async def test_clients_vanishing_at_random_points_leak_nothing() -> None:
         cuts = [
             (rng.choice(requests), rng.choice(["headers", "body", "sent", "response"])) for _ in range(40)
         ]
-        await asyncio.gather(
-            *(asyncio.to_thread(vanish, port, raw_request(p, b), cut, rng) for (p, b), cut in cuts)
-        )
-        await wait_idle(cs, timeout_s=10)
+        try:
+            await asyncio.gather(
+                *(
+                    # each thread its own generator, so the seed replays every client's choices
+                    asyncio.to_thread(vanish, port, raw_request(p, b), cut, random.Random(f"{seed}/{i}"))
+                    for i, ((p, b), cut) in enumerate(cuts)
+                )
+            )
+            await wait_idle(cs, timeout_s=10)
+        except Exception as exc:
+            raise AssertionError(f"seed {seed}: {exc!r}") from exc
         async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT) as client:
             status, text = await ask(client, "still there?")
     assert status == 200 and text.startswith("This is sentence number 1"), f"seed {seed}"

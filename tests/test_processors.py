@@ -388,7 +388,7 @@ def tiny_llama() -> LlamaForCausalLM:
 
 
 def greedy(model: LlamaForCausalLM, prompt: torch.Tensor, *processors: Any, new: int = 24) -> list[int]:
-    out: Any = model.generate(  # type: ignore[misc]
+    out: Any = model.generate(
         prompt,
         attention_mask=torch.ones_like(prompt),
         max_new_tokens=new,

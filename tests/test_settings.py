@@ -37,10 +37,15 @@ def test_precedence_arguments_over_env_over_file(tmp_path: Path, monkeypatch: py
 def test_nested_and_plugin_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CHATSTREAM_SAMPLING__PIPELINE", '["temperature","top_p"]')
     monkeypatch.setenv("CHATSTREAM_PLUGIN_CONFIG__MEMORY__TTL_S", "60")
+    monkeypatch.setenv("CHATSTREAM_PLUGIN_CONFIG__REDIS__URL", "redis://127.0.0.1:6390/0")
+    monkeypatch.setenv("CHATSTREAM_PLUGIN_CONFIG__UPSTREAM__HEADERS", '{"X-A": "1"}')
     monkeypatch.setenv("CHATSTREAM_BLOCK_PLUGINS", "a,b")
     s = load_settings()
     assert s.sampling.pipeline == ["temperature", "top_p"]
+    # Plugin options from the environment: JSON values decoded, other text kept as text.
     assert s.plugin_options("memory") == {"ttl_s": 60}
+    assert s.plugin_options("redis") == {"url": "redis://127.0.0.1:6390/0"}
+    assert s.plugin_options("upstream") == {"headers": {"X-A": "1"}}
     assert s.block_plugins == ["a", "b"]
 
 

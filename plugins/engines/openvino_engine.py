@@ -652,26 +652,40 @@ def _optimum_intel_installed() -> bool:
         return False
 
 
-def export_environment_commands(venv: str = "~/.venvs/ov-export") -> list[str]:
+def export_environment_commands(
+    venv: str = "~/.venvs/ov-export", constraints: str | None = None
+) -> list[str]:
     """Shell commands that make a virtual environment able to run the export.
 
-    It sees this environment's packages (``--system-site-packages``), so torch and OpenVINO are
-    reused at their installed versions (pinned, so pip downloads neither) and only optimum-intel
-    with the older transformers it needs goes into the venv. optimum-intel also pulls
-    torchvision, whose PyPI build does not load next to a CPU-only torch; text models never use
-    it, so it is removed when it cannot be imported.
+    The new venv sees this environment's packages after its own: a ``.pth`` file adds this
+    interpreter's site-packages (and the ``.pth`` files in them, so an editable chatstream too) at
+    the end of its path. That holds where this environment is itself a venv, which
+    ``--system-site-packages`` does not (it sees only the base interpreter's). So torch and OpenVINO
+    are reused at their installed versions (pinned, so pip downloads neither) and only optimum-intel
+    with the older transformers it needs goes into the venv, ahead of ours. optimum-intel also pulls
+    torchvision, whose PyPI build does not load next to a CPU-only torch; text models never use it,
+    so it is removed when it cannot be imported. ``constraints`` pins the rest (a pip constraints file).
     """
+    import shlex
+    import sys
+    import sysconfig
     from importlib.metadata import PackageNotFoundError, version
 
     pins: list[str] = []
     for name in _SHARED_PACKAGES:
         with contextlib.suppress(PackageNotFoundError):
             pins.append(f"{name}=={version(name).split('+', 1)[0]}")
-    pip = f"{venv}/bin/pip"
+    sites = list(dict.fromkeys(sysconfig.get_paths()[key] for key in ("purelib", "platlib")))
+    pth = "import site; " + "; ".join(f"site.addsitedir({site!r})" for site in sites)
+    python, pip = f"{venv}/bin/python", f"{venv}/bin/pip"
+    where = f"$({python} -c 'import sysconfig; print(sysconfig.get_paths()[\"purelib\"])')"
+    base = shlex.quote(getattr(sys, "_base_executable", sys.executable))
+    pin_file = f" -c {shlex.quote(constraints)}" if constraints else ""
     return [
-        f"python -m venv --system-site-packages {venv}",
-        f"{pip} install 'optimum-intel[openvino]' " + " ".join(f"'{pin}'" for pin in pins),
-        f"{venv}/bin/python -c 'import torchvision' 2>/dev/null || {pip} uninstall -y torchvision",
+        f"{base} -m venv {venv}",
+        f'printf %s {shlex.quote(pth)} > "{where}/chatstream-main-env.pth"',
+        f"{pip} install{pin_file} 'optimum-intel[openvino]' " + " ".join(f"'{pin}'" for pin in pins),
+        f"{python} -c 'import torchvision' 2>/dev/null || {pip} uninstall -y torchvision",
     ]
 
 
