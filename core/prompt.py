@@ -11,10 +11,19 @@ character with the model's own Jinja chat template.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import logging
+import re
+import secrets
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from .types import Segment, joined
+
+log = logging.getLogger(__name__)
 
 ROLE_SYSTEM = "system"
 ROLE_USER = "user"
@@ -112,6 +121,11 @@ class OutputReplacer:
         """The held-back tail, at the end of the answer."""
         rest, self._pending = self._pending, ""
         return self._apply(rest)
+
+
+class PromptShapeError(ValueError):
+    """The conversation has a shape this prompt format cannot render (two user turns in a row for a
+    format that needs them to alternate, no user message for a task format). The client can fix it."""
 
 
 class PromptFormatMismatchError(ValueError):
@@ -355,9 +369,28 @@ class AbstractChatPrompt:
         return [{"role": m["role"], "content": self.replace_input(m["content"])} for m in self.messages()]
 
     # -- rendering ---------------------------------------------------------------------------------
+    def render_segments(self) -> list[Segment]:
+        """The prompt as segments: the format's template text (its special-token strings are control
+        tokens) and message contents (always plain text). Joined, they are ``create_prompt()``.
+
+        Built-in formats build their segments directly. A subclass that implements only
+        ``create_prompt()`` (the documented way) gets them from one extra rendering in which every
+        message is an unguessable marker: the text between markers is template. When the format
+        changes message text in a way that cannot be followed (it is not inserted as given, nor
+        stripped), the whole prompt is one template segment and a warning says that special-token
+        strings typed in messages cannot be kept as text for this format.
+        """
+        if type(self).create_prompt is AbstractChatPrompt.create_prompt:
+            raise NotImplementedError(
+                f"{type(self).__name__} must implement render_segments() or create_prompt()"
+            )
+        return _segments_by_markers(self)
+
     def create_prompt(self, opts: dict[str, Any] | None = None) -> str:
         """Render the conversation; the text ends where the model should continue."""
-        raise NotImplementedError(f"{type(self).__name__} must implement create_prompt()")
+        if type(self).render_segments is AbstractChatPrompt.render_segments:
+            raise NotImplementedError(f"{type(self).__name__} must implement create_prompt()")
+        return joined(self.render_segments())
 
     def build_initial_prompt(self, chat_prompt: AbstractChatPrompt | None = None) -> str:
         """Render the prompt for a conversation with no messages yet (system prompt only)."""
@@ -448,6 +481,64 @@ class AbstractChatPrompt:
         prompt = cls()
         prompt.load_dict(data)
         return prompt
+
+
+_MARK_OPEN, _MARK_CLOSE = "\uf8f0", "\uf8f1"  # private-use characters: no rule or strip touches them
+_warned_formats: set[str] = set()
+
+
+def _marker_digits(number: int) -> str:
+    digits = ""
+    while True:
+        number, digit = divmod(number, 256)
+        digits = chr(0xE000 + digit) + digits
+        if not number:
+            return digits
+
+
+def _segments_by_markers(prompt: AbstractChatPrompt) -> list[Segment]:
+    """Segments of a format that only implements ``create_prompt()`` (see ``render_segments``)."""
+    real = prompt.create_prompt()
+    nonce = "".join(chr(0xE000 + byte) for byte in secrets.token_bytes(8))  # a user cannot type it
+    marked = copy.copy(prompt)
+    contents: list[str] = []
+
+    def mark(text: str) -> str:
+        contents.append(prompt.replace_input(text))
+        return f"{_MARK_OPEN}{nonce}{_marker_digits(len(contents) - 1)}{_MARK_CLOSE}"
+
+    marked.system = None if prompt.system is None else mark(prompt.system)
+    marked.chat_contents = [
+        c if c.message is None else dataclasses.replace(c, message=mark(c.message))
+        for c in prompt.chat_contents
+    ]
+    pattern = re.compile(f"{_MARK_OPEN}{re.escape(nonce)}([\ue000-\ue0ff]+){_MARK_CLOSE}")
+    parts = pattern.split(marked.create_prompt())
+    for shape in (str, str.strip):  # inserted as given, or stripped (as many templates do)
+        segments: list[Segment] = []
+        for index, part in enumerate(parts):
+            if index % 2 == 0:
+                segments.append(Segment.template(part))
+            else:
+                number = 0
+                for char in part:
+                    number = number * 256 + ord(char) - 0xE000
+                if number >= len(contents):
+                    break
+                segments.append(Segment.content(shape(contents[number])))
+        else:
+            if joined(segments) == real:
+                return [segment for segment in segments if segment.text]
+    key = format_key(type(prompt))
+    if key not in _warned_formats:
+        _warned_formats.add(key)
+        log.warning(
+            "prompt format %s changes message text while rendering, so chatstream cannot tell it from "
+            "the template: special-token strings typed in messages may become control tokens. "
+            "Implement render_segments() to keep message content plain text.",
+            key,
+        )
+    return [Segment.template(real)]
 
 
 def _rule_fields(rule: Iterable[Any]) -> tuple[str, str, ReplacementDirection]:

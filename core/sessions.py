@@ -63,6 +63,11 @@ class AbstractRequestHandler:
     async def save_session(self, request: Request, session: ChatSession) -> None:
         raise NotImplementedError
 
+    async def refresh_session(self, request: Request | None, session: ChatSession) -> None:
+        """Re-read what other requests may have changed in the stored session (its generation
+        parameters) into ``session``, right before a turn saves it. Default: nothing."""
+        return None
+
     async def clear_session(self, request: Request, session: ChatSession) -> None:
         """Forget the conversation (the session itself stays)."""
         session.prompt.clear_history()

@@ -11,20 +11,48 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ChatStreamError, Namer, ParamValueError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 PenaltyMethod = Literal["multiplicative", "subtractive"]
 
+# Below these, sampling is greedy: dividing logits by a temperature under 1e-3 already makes the
+# most likely token win by far, and much smaller ones overflow to inf and NaN; a top_p under 1e-6
+# (float32 cannot tell it from 0) keeps only the most likely token anyway.
+GREEDY_TEMPERATURE_BELOW = 1e-3
+GREEDY_TOP_P_BELOW = 1e-6
+MAX_SEED = 2**63 - 1
+
+
+def _penalty_not_positive(field: str, value: float) -> Callable[[Namer], str]:
+    def message(name: Namer) -> str:
+        return (
+            f"{name(field)}={value} is invalid with {name(field + '_method')}='multiplicative': "
+            "use a value > 0 (1.0 means no penalty, > 1.0 discourages repeats)"
+        )
+
+    return message
+
+
+def _penalty_out_of_range(field: str, value: float) -> Callable[[Namer], str]:
+    def message(name: Namer) -> str:
+        return f"{name(field)}={value} is out of range: use a value in [-100, 100]"
+
+    return message
+
 
 class GenerationParams(BaseModel):
     """Sampling and length parameters of one generation.
 
-    ``temperature == 0`` means greedy decoding. ``top_k == 0`` and ``top_p == 1`` disable those
-    filters. A penalty of ``None`` is off. Multiplicative penalties must be > 0 (1.0 is neutral);
-    subtractive ones are added to nothing (0.0 is neutral).
+    ``temperature == 0`` means greedy decoding, and so do a ``temperature`` below 1e-3 and a
+    ``top_p`` below 1e-6 (they could only pick the most likely token, or overflow trying).
+    ``top_k == 0`` and ``top_p == 1`` disable those filters. A penalty of ``None`` is off.
+    Multiplicative penalties must be > 0 (1.0 is neutral); subtractive ones are added to nothing
+    (0.0 is neutral). ``seed`` is 0 to 2**63 - 1.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
@@ -40,7 +68,7 @@ class GenerationParams(BaseModel):
     frequency_penalty_method: PenaltyMethod = "subtractive"
     presence_penalty: float | None = None
     presence_penalty_method: PenaltyMethod = "subtractive"
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
 
     @model_validator(mode="after")
     def _check_penalties(self) -> GenerationParams:
@@ -49,19 +77,41 @@ class GenerationParams(BaseModel):
             method = getattr(self, f"{name}_penalty_method")
             if value is None:
                 continue
+            field = f"{name}_penalty"
             if method == "multiplicative" and value <= 0:
-                raise ValueError(
-                    f"{name}_penalty={value} is invalid with {name}_penalty_method='multiplicative': "
-                    "use a value > 0 (1.0 means no penalty, > 1.0 discourages repeats)"
-                )
+                raise ParamValueError(field, _penalty_not_positive(field, value))
             if abs(value) > 100:
-                raise ValueError(f"{name}_penalty={value} is out of range: use a value in [-100, 100]")
+                raise ParamValueError(field, _penalty_out_of_range(field, value))
         return self
 
     @property
     def greedy(self) -> bool:
         """True when the next token is always the most likely one."""
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE_BELOW or self.top_p < GREEDY_TOP_P_BELOW
+
+
+def validate_params(values: dict[str, Any]) -> GenerationParams:
+    """``GenerationParams(**values)``, or a ``ChatStreamError`` (422) whose ``field`` is the first
+    refused parameter and whose message names it as the client's transport does."""
+    try:
+        return GenerationParams(**values)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        cause = (error.get("ctx") or {}).get("error")
+        if isinstance(cause, ParamValueError):
+            raise ChatStreamError(422, "invalid_parameter", cause.message, field=cause.field) from None
+        loc = [str(part) for part in error["loc"]]
+        field = loc[0] if loc else "generation_params"
+        given = error.get("input")
+        shown = "" if isinstance(given, (dict, list)) else f" (got {given!r})"
+        tail = ".".join(loc[1:])
+        text = error["msg"]
+        raise ChatStreamError(
+            422,
+            "invalid_parameter",
+            lambda name: f"{name(field)}{'.' + tail if tail else ''}: {text}{shown}",
+            field=field,
+        ) from None
 
 
 class FinishReason(str, enum.Enum):
@@ -82,9 +132,37 @@ class TextDelta:
     finish_reason: FinishReason | None = None
 
 
+@dataclass(frozen=True)
+class Segment:
+    """A piece of a rendered prompt: the format's own ``template`` text, whose special-token strings
+    (``<|im_start|>``) are control tokens, or a message's ``content``, which is always plain text."""
+
+    text: str
+    literal: bool = False  # True: message content (never special tokens)
+
+    @staticmethod
+    def template(text: str) -> Segment:
+        return Segment(text, False)
+
+    @staticmethod
+    def content(text: str) -> Segment:
+        return Segment(text, True)
+
+
+def joined(segments: Sequence[Segment]) -> str:
+    """The prompt text of ``segments``."""
+    return "".join(segment.text for segment in segments)
+
+
 @dataclass
 class GenerationRequest:
-    """What an engine is asked to generate: rendered prompt text, stop strings and parameters."""
+    """What an engine is asked to generate: the rendered prompt, stop strings and parameters.
+
+    ``segments`` say which parts of ``prompt`` are template text and which are message content
+    (plain text whatever it holds); engines that tokenize build their ids from them, or take
+    ``prompt_ids`` when core has already made them (it does when it had to count tokens).
+    A request built from ``prompt`` alone is all template text.
+    """
 
     prompt: str
     params: GenerationParams = field(default_factory=lambda: GenerationParams())
@@ -93,9 +171,13 @@ class GenerationRequest:
     add_special_tokens: bool | None = None
     # The conversation as role/content dicts, for engines that render prompts themselves (upstream chat).
     messages: Sequence[dict[str, str]] | None = None
-    # Message contents, in prompt order, that must be tokenized as plain text: a special-token
-    # string typed by a user (``<|im_start|>``) never becomes a control token.
-    literal_spans: Sequence[str] = ()
+    segments: Sequence[Segment] = ()
+    prompt_ids: Sequence[int] | None = None
+    prompt_tokens: int | None = None  # the prompt's length when core counted it (the ids sent)
+
+    def prompt_segments(self) -> Sequence[Segment]:
+        """``segments``, or the whole ``prompt`` as one template segment when none were given."""
+        return self.segments or (Segment.template(self.prompt),)
 
 
 @runtime_checkable
@@ -177,3 +259,5 @@ class FinishedReason(str, enum.Enum):
     CLIENT_DISCONNECTED_WHILE_STREAMING = "client_disconnected_while_streaming"
     UNKNOWN_ERROR_OCCURRED = "unknown_error_occurred"
     TOO_MANY_REQUESTS = "too_many_requests"
+    INVALID_REQUEST = "invalid_request"  # refused with a 4xx (the message says what to fix)
+    SERVER_SHUTDOWN = "server_shutdown"  # the server ended the answer: its drain period ran out

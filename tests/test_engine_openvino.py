@@ -17,8 +17,17 @@ from typing import Any
 import pytest
 
 from chatstream.plugins.engines.openvino_engine import OpenVINOEngine, int4_group_size
+from chatstream.plugins.prompts.chatml import ChatMLPrompt
 from chatstream.runtime_sampling import UnsupportedSamplingError
-from chatstream.types import EngineConfig, FinishReason, GenerationParams, GenerationRequest, TextDelta
+from chatstream.types import (
+    EngineConfig,
+    FinishReason,
+    GenerationParams,
+    GenerationRequest,
+    Segment,
+    TextDelta,
+    joined,
+)
 
 HAVE_GENAI = importlib.util.find_spec("openvino_genai") is not None
 needs_genai = pytest.mark.skipif(
@@ -297,6 +306,20 @@ BENIGN = [
 ]
 
 
+def chatml_segments(messages: list[dict[str, str]]) -> list[Segment]:
+    """The embedded model's prompt for ``messages``, as segments (its template is ChatML)."""
+    prompt = ChatMLPrompt()
+    for message in messages:
+        if message["role"] == "system":
+            prompt.set_system(message["content"])
+        elif message["role"] == "user":
+            prompt.add_requester_msg(message["content"])
+        else:
+            prompt.add_responder_msg(message["content"])
+    prompt.add_responder_msg(None)
+    return prompt.render_segments()
+
+
 @needs_genai
 @needs_model
 @pytest.mark.smollm2
@@ -304,11 +327,9 @@ BENIGN = [
 def test_benign_messages_tokenize_exactly_as_before(
     engine: OpenVINOEngine, messages: list[dict[str, str]]
 ) -> None:
-    assert engine.tokenizer is not None
-    text = engine.tokenizer.apply_chat_template(messages)
-    spans = [m["content"] for m in messages]
+    segments = chatml_segments(messages)
     for add in (None, True, False):
-        assert engine.encode(text, add, spans) == engine.encode(text, add)
+        assert engine.encode(segments, add) == engine.encode(joined(segments), add)
 
 
 @needs_genai
@@ -324,10 +345,11 @@ async def test_control_tokens_typed_by_a_user_stay_text(
         {"role": "system", "content": "Be kind."},
         {"role": "user", "content": INJECTION},
     ]
-    text = tokenizer.apply_chat_template(messages)
+    segments = chatml_segments(messages)
+    text = joined(segments)
     unsafe = engine.encode(text)
-    safe = engine.encode(text, None, [m["content"] for m in messages])
-    # Without the spans the typed markers become control tokens; with them only the template's
+    safe = engine.encode(segments)
+    # As one text the typed markers become control tokens; as segments only the template's
     # three <|im_start|> and two <|im_end|> are, and the typed ones are ordinary tokens.
     assert (unsafe.count(im_start), unsafe.count(im_end)) == (5, 3)
     assert (safe.count(im_start), safe.count(im_end)) == (3, 2)
@@ -345,8 +367,7 @@ async def test_control_tokens_typed_by_a_user_stay_text(
         return real_submit(prompt_ids, params)
 
     monkeypatch.setattr(engine, "_submit", spy)
-    spans = [m["content"] for m in messages]
-    await collect(engine, GenerationRequest(text, GREEDY, literal_spans=spans))
+    await collect(engine, GenerationRequest(text, GREEDY, segments=segments))
     assert submitted == [safe]
 
 
@@ -378,7 +399,9 @@ def test_export_without_optimum_intel_prints_the_commands_to_run(tmp_path: Any) 
     openvino_engine.register_commands(cli=cli)
     result = CliRunner().invoke(cli, ["export-openvino", str(model), "out", "--weights", "int4"])
     assert result.exit_code == 1
-    assert "python -m venv --system-site-packages" in result.output
+    assert " -m venv ~/.venvs/ov-export" in result.output
+    # The new venv sees this environment's packages (a venv's too) through a .pth file.
+    assert "site.addsitedir(" in result.output and "chatstream-main-env.pth" in result.output
     assert "'optimum-intel[openvino]'" in result.output
     assert "--weight-format int4 --group-size 64" in result.output  # 576 = 9 x 64; 128 does not divide it
     assert "chatstream serve --engine openvino --model out" in result.output

@@ -248,13 +248,13 @@ async def test_stateless_handler_uses_the_sent_history_and_stores_nothing(
         mock_chatstream, settings={"request_handler": "stateless"}, mock_params={"type": "echo"}
     )
     seen: list[str] = []
-    original = cs.render
+    original = cs.engine.generate
 
-    def spy(prompt: Any, params: Any) -> str:
-        seen.append(original(prompt, params))
-        return seen[-1]
+    def spy(request: Any) -> Any:
+        seen.append(request.prompt)
+        return original(request)
 
-    cs.render = spy
+    cs.engine.generate = spy
     messages = [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "My name is Ada."},
@@ -350,7 +350,8 @@ async def test_unreachable_session_store_is_a_clear_503(mock_chatstream: Any, ch
         clear = await client.post("/clear_context")
     assert chat.status_code == 503 and chat.json()["error"] == "session_store_unavailable"
     assert "plugin_config.redis.url" in chat.json()["message"]
-    assert clear.status_code == 503
+    # A client with no session yet has nothing to clear: nothing is stored, nothing fails.
+    assert clear.status_code == 200
 
 
 async def test_a_turn_whose_answer_never_came_is_dropped(mock_chatstream: Any, live_server: Any) -> None:

@@ -13,6 +13,8 @@ import pytest
 from fastapi import FastAPI
 
 import chatstream.plugins.transports.openai as openai_transport
+import chatstream.plugins.transports.openai_protocol as openai_protocol
+import chatstream.plugins.transports.openai_serving as openai_serving
 from chatstream import ChatStream
 from chatstream.app import create_app
 from chatstream.hookspecs import hookimpl
@@ -400,7 +402,7 @@ def test_unknown_install_options_are_refused(mock_chatstream: Any) -> None:
 
 def test_parameters_map_onto_generation_params(mock_chatstream: Any) -> None:
     cs = mock_chatstream(plugins=plugins())
-    body = openai_transport.ChatCompletionRequest.model_validate(
+    body = openai_protocol.ChatCompletionRequest.model_validate(
         {
             "messages": [{"role": "user", "content": "hi"}],
             "temperature": 0.3,
@@ -414,16 +416,16 @@ def test_parameters_map_onto_generation_params(mock_chatstream: Any) -> None:
             "repetition_penalty": 1.2,
         }
     )
-    params = openai_transport.generation_params(cs, body)
+    params = openai_serving.generation_params(cs, body)
     assert (params.temperature, params.top_p, params.max_new_tokens, params.seed) == (0.3, 0.9, 7, 42)
     assert (params.top_k, params.min_p, params.repetition_penalty) == (5, 0.1, 1.2)
     assert params.repetition_penalty_method == "multiplicative"
     assert (params.frequency_penalty, params.frequency_penalty_method) == (0.5, "subtractive")
     assert (params.presence_penalty, params.presence_penalty_method) == (-0.5, "subtractive")
-    newer = openai_transport.ChatCompletionRequest.model_validate(
+    newer = openai_protocol.ChatCompletionRequest.model_validate(
         {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 7, "max_completion_tokens": 3}
     )
-    assert openai_transport.generation_params(cs, newer).max_new_tokens == 3
+    assert openai_serving.generation_params(cs, newer).max_new_tokens == 3
 
 
 # -- tiny model --------------------------------------------------------------------------------------

@@ -183,7 +183,8 @@ async def test_served_ir_answers_like_genai_over_http(
         engine = cs.engine
         assert isinstance(engine, OpenVINOEngine) and engine.tokenizer is not None
         (request,) = seen
-        prompt_ids = engine.encode(request.prompt, request.add_special_tokens, request.literal_spans)
+        assert request.prompt_ids is not None  # what the engine was sent
+        prompt_ids = list(request.prompt_ids)
 
     raw = openvino_genai.LLMPipeline(str(ir_dir), "CPU", INFERENCE_PRECISION_HINT="f32")
     config = openvino_genai.GenerationConfig()

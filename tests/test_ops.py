@@ -106,7 +106,7 @@ async def test_drain_refuses_new_requests_and_waits_for_those_in_progress(chatst
     async with chatstream_client(app) as client:
         await cs.start()  # the model loads in the background; wait for it
         assert (await client.get("/ready")).status_code == 200
-        await cs.admit()  # a generation in progress
+        await cs.admission.acquire()  # a generation in progress
         drain = asyncio.create_task(cs.drain(5.0))
         await asyncio.sleep(0.1)
         ready = await client.get("/ready")
@@ -122,7 +122,7 @@ async def test_drain_refuses_new_requests_and_waits_for_those_in_progress(chatst
 
 async def test_drain_gives_up_after_the_grace_period() -> None:
     cs = ops_chatstream()
-    await cs.admit()
+    await cs.admission.acquire()
     started = time.monotonic()
     assert await cs.drain(0.2) is False
     assert 0.2 <= time.monotonic() - started < 1.5
@@ -137,7 +137,7 @@ async def test_metrics_count_requests_tokens_and_latency(chatstream_client: Any)
         for _ in range(2):
             answer = await client.post("/chat_stream?format=delta", json={"user_input": "hi"})
             assert answer.text == "a b c d"
-        await cs.admit()  # hold the only slot: the next request is refused
+        await cs.admission.acquire()  # hold the only slot: the next request is refused
         refused = await client.post("/chat_stream", json={"user_input": "hi"})
         assert refused.json() == {"error": "too_many_requests"}
         response = await client.get("/metrics")

@@ -44,13 +44,15 @@ from chatstream.detokenize import TokenTextStream
 from chatstream.engine_queue import check_prompt_room, deliver, id_batches, text_deltas
 from chatstream.hookspecs import hookimpl
 from chatstream.runtime_sampling import Runtime
-from chatstream.tokenization import encode_with_literal_spans
+from chatstream.tokenization import SpecialStrings, encode_segments
 from chatstream.types import (
     EngineConfig,
     FinishReason,
     GenerationParams,
     GenerationRequest,
+    Segment,
     TextDelta,
+    joined,
 )
 
 log = logging.getLogger(__name__)
@@ -420,35 +422,43 @@ class OpenVINOEngine:
         await asyncio.to_thread(thread.join)
 
     # -- public helpers ----------------------------------------------------------------------------
-    def encode(
-        self, text: str, add_special_tokens: bool | None = None, literal_spans: Sequence[str] = ()
-    ) -> list[int]:
-        """Prompt token ids, as GenAI's tokenizer makes them. Special-token strings in the text
-        (``<|im_start|>``) stay special, except inside ``literal_spans`` (message contents, in
-        prompt order), where they are plain text: a user cannot type a control token.
+    def encode(self, prompt: str | Sequence[Segment], add_special_tokens: bool | None = None) -> list[int]:
+        """Prompt token ids, as GenAI's tokenizer makes them. Special-token strings in template
+        text (``<|im_start|>``) are control tokens; in message content (``Segment.content``) they
+        are plain text: a user cannot type a control token. A string is all template.
         """
         tokenizer = self.tokenizer
         if tokenizer is None:
             raise RuntimeError("the engine has no tokenizer yet: await engine.start() first")
         if add_special_tokens is None:
             add_special_tokens = self.config.add_special_tokens
-        ids = tokenizer.encode(text, add_special_tokens=add_special_tokens is not False)
-        if not literal_spans:
+        add = add_special_tokens is not False
+        segments = [Segment.template(prompt)] if isinstance(prompt, str) else prompt
+        text = joined(segments)
+        ids = tokenizer.encode(text, add_special_tokens=add)
+        if not any(segment.literal for segment in segments):
             return ids
+
+        def encode_text(whole: str) -> list[int]:
+            return ids if whole == text else tokenizer.encode(whole, add_special_tokens=add)
 
         def encode_piece(piece: str, literal: bool) -> list[int]:
             return tokenizer.encode_plain(piece) if literal else tokenizer.encode(piece, False)
 
-        # Every special string the tokenizer matched anywhere in the prompt (the template's own
-        # markers and any a message holds); only the messages that hold one are re-tokenized.
-        return encode_with_literal_spans(
-            text,
-            ids,
-            literal_spans,
-            tokenizer.special_strings(ids),
+        # The special strings GenAI matched anywhere in the prompt (it has no list of them): a
+        # content segment can only hold, or help form, one of these.
+        return encode_segments(
+            segments,
+            SpecialStrings(tokenizer.special_strings(ids)),
+            encode_text,
             encode_piece,
             lambda whole: tokenizer.encode(whole, add_special_tokens=False),
         )
+
+    def _prompt_ids(self, request: GenerationRequest) -> list[int]:
+        if request.prompt_ids is not None:
+            return list(request.prompt_ids)
+        return self.encode(request.prompt_segments(), request.add_special_tokens)
 
     def count_tokens(self, text: str) -> int:
         """How many tokens ``text`` encodes to as a prompt."""
@@ -473,7 +483,7 @@ class OpenVINOEngine:
 
     async def generate_ids(self, request: GenerationRequest) -> AsyncIterator[list[int]]:
         """Stream the request's new token ids (EOS excluded), ignoring stop strings."""
-        prompt_ids = self.encode(request.prompt, request.add_special_tokens, request.literal_spans)
+        prompt_ids = self._prompt_ids(request)
         row = self._submit(prompt_ids, request.params)
         try:
             async for ids in id_batches(row.queue):
@@ -483,7 +493,7 @@ class OpenVINOEngine:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TextDelta]:
         """Stream detokenized, stop-filtered text; the last delta carries the finish reason."""
-        prompt_ids = self.encode(request.prompt, request.add_special_tokens, request.literal_spans)
+        prompt_ids = self._prompt_ids(request)
         row = self._submit(prompt_ids, request.params)
         assert self.tokenizer is not None
         try:

@@ -47,7 +47,7 @@ from chatstream.detokenize import TokenTextStream
 from chatstream.engine_queue import check_prompt_room, deliver, id_batches, text_deltas
 from chatstream.hookspecs import hookimpl
 from chatstream.recording import GenerationRecord, RecordedDelta, RecordingWriter
-from chatstream.tokenization import encode_hf_prompt
+from chatstream.tokenization import HFPromptEncoder
 from chatstream.types import (
     EngineConfig,
     FinishReason,
@@ -55,6 +55,7 @@ from chatstream.types import (
     GenerationRequest,
     LogitsProcessor,
     RowInfo,
+    Segment,
     TextDelta,
 )
 
@@ -171,6 +172,7 @@ class TransformersEngine:
         self.config = config
         self.model: Any = config.model
         self.tokenizer: Any = config.tokenizer
+        self._prompt_encoder: HFPromptEncoder | None = None
         self.max_batch_size = config.max_batch_size
         self.device: Any = None
         self.context_len = config.context_len
@@ -272,17 +274,23 @@ class TransformersEngine:
         return self._recorder
 
     # -- public helpers ----------------------------------------------------------------------------
-    def encode(
-        self, text: str, add_special_tokens: bool | None = None, literal_spans: Sequence[str] = ()
-    ) -> list[int]:
-        """Prompt token ids. Special-token strings in the text (``<|im_start|>``) stay special,
-        except inside ``literal_spans`` (message contents, in prompt order), where they are plain text.
+    def encode(self, prompt: str | Sequence[Segment], add_special_tokens: bool | None = None) -> list[int]:
+        """Prompt token ids. Special-token strings in template text (``<|im_start|>``) are control
+        tokens; in message content (``Segment.content``) they are plain text. A string is all template.
         """
         if self.tokenizer is None:
             raise RuntimeError("the engine has no tokenizer yet: await engine.start() first")
         if add_special_tokens is None:
             add_special_tokens = self.config.add_special_tokens
-        return encode_hf_prompt(self.tokenizer, text, add_special_tokens, literal_spans)
+        if self._prompt_encoder is None or self._prompt_encoder.tokenizer is not self.tokenizer:
+            self._prompt_encoder = HFPromptEncoder(self.tokenizer)
+        segments = [Segment.template(prompt)] if isinstance(prompt, str) else prompt
+        return self._prompt_encoder.encode(segments, add_special_tokens)
+
+    def _prompt_ids(self, request: GenerationRequest) -> list[int]:
+        if request.prompt_ids is not None:
+            return list(request.prompt_ids)
+        return self.encode(request.prompt_segments(), request.add_special_tokens)
 
     def count_tokens(self, text: str) -> int:
         """How many tokens ``text`` encodes to as a prompt."""
@@ -319,7 +327,7 @@ class TransformersEngine:
         Yields lists of ids as they arrive; ends at EOS, ``max_new_tokens`` or a full context.
         """
         row = self._submit(
-            self.encode(request.prompt, request.add_special_tokens, request.literal_spans),
+            self._prompt_ids(request),
             request.params,
             request.request_id,
         )
@@ -332,7 +340,7 @@ class TransformersEngine:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TextDelta]:
         """Stream detokenized, stop-filtered text; the last delta carries the finish reason."""
         started = time.monotonic()
-        prompt_ids = self.encode(request.prompt, request.add_special_tokens, request.literal_spans)
+        prompt_ids = self._prompt_ids(request)
         recording = self._recorder is not None
         row = self._submit(prompt_ids, request.params, request.request_id, record=recording)
         stream = TokenTextStream(self.tokenizer, prompt_ids, request.stop)

@@ -8,7 +8,7 @@ The engine is built from ``AsyncEngineArgs`` (``model``, ``max_num_seqs`` =
 ``num_of_concurrent_executions``, ``max_model_len`` = ``context_len``, ``dtype``,
 ``gpu_memory_utilization`` and any further engine argument from ``engine_args``). chatstream keeps
 the sessions and prompt formats: the prompt is rendered here and tokenized here with vLLM's own
-tokenizer, with message contents (``GenerationRequest.literal_spans``) as plain text, so a user
+tokenizer, with message contents (``GenerationRequest.segments``) as plain text, so a user
 who types ``<|im_start|>`` never produces a control token; vLLM receives the ids as a
 ``TokensPrompt``. Text streams back as vLLM detokenizes it (``RequestOutputKind.DELTA`` where
 vLLM has it, else the cumulative text, of which only the new tail is passed on). Closing the
@@ -46,12 +46,13 @@ from chatstream.engine_queue import check_prompt_room
 from chatstream.hookspecs import hookimpl
 from chatstream.runtime_sampling import Runtime, UnsupportedSamplingError
 from chatstream.settings import SettingsError
-from chatstream.tokenization import encode_hf_prompt
+from chatstream.tokenization import HFPromptEncoder
 from chatstream.types import (
     EngineConfig,
     FinishReason,
     GenerationParams,
     GenerationRequest,
+    Segment,
     TextDelta,
 )
 
@@ -239,6 +240,7 @@ class VLLMEngine:
         self.engine_args = self._engine_args()
         self.engine: Any = None
         self.tokenizer: Any = None
+        self._prompt_encoder: HFPromptEncoder | None = None
         from vllm.inputs import TokensPrompt
 
         self._tokens_prompt = TokensPrompt
@@ -295,16 +297,17 @@ class VLLMEngine:
             await _maybe_await(_shutdown(engine))
 
     # -- public helpers ----------------------------------------------------------------------------
-    def encode(
-        self, text: str, add_special_tokens: bool | None = None, literal_spans: Sequence[str] = ()
-    ) -> list[int]:
-        """Prompt token ids, made with vLLM's tokenizer; special-token strings inside
-        ``literal_spans`` (message contents) stay text (see :mod:`chatstream.tokenization`)."""
+    def encode(self, prompt: str | Sequence[Segment], add_special_tokens: bool | None = None) -> list[int]:
+        """Prompt token ids, made with vLLM's tokenizer; special-token strings in message content
+        (``Segment.content``) stay text (see :mod:`chatstream.tokenization`). A string is all template."""
         if self.tokenizer is None:
             raise RuntimeError("the engine has no tokenizer yet: await engine.start() first")
         if add_special_tokens is None:
             add_special_tokens = self.config.add_special_tokens
-        return encode_hf_prompt(self.tokenizer, text, add_special_tokens, literal_spans)
+        if self._prompt_encoder is None or self._prompt_encoder.tokenizer is not self.tokenizer:
+            self._prompt_encoder = HFPromptEncoder(self.tokenizer)
+        segments = [Segment.template(prompt)] if isinstance(prompt, str) else prompt
+        return self._prompt_encoder.encode(segments, add_special_tokens)
 
     def count_tokens(self, text: str) -> int | None:
         """How many tokens ``text`` encodes to as a prompt (None before the engine started)."""
@@ -324,7 +327,11 @@ class VLLMEngine:
         if self.engine is None:
             raise RuntimeError("the engine is not running: await engine.start() first")
         engine = self.engine
-        prompt_ids = self.encode(request.prompt, request.add_special_tokens, request.literal_spans)
+        prompt_ids = (
+            list(request.prompt_ids)
+            if request.prompt_ids is not None
+            else self.encode(request.prompt_segments(), request.add_special_tokens)
+        )
         check_prompt_room(prompt_ids, self.context_len)
         sampling = self.sampling_params(request.params, len(prompt_ids), request.stop)
         # vLLM needs ids unique among running requests; chatstream's id leads, for the logs.

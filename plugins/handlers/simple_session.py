@@ -63,7 +63,9 @@ class SimpleSessionRequestHandler(AbstractRequestHandler):
     def session_id_of(self, request: Request) -> str | None:
         """The verified session id from the request's cookie, or None (missing or tampered)."""
         raw = request.cookies.get(self.cookie_name)
-        if not raw or raw.count(".") != 1:
+        # Any bytes may come in a cookie; only a well-formed one can be ours (compare_digest
+        # refuses non-ASCII text).
+        if not raw or not raw.isascii() or raw.count(".") != 1:
             return None
         session_id, signature = raw.split(".")
         if not hmac.compare_digest(signature, _sign(self.secret, session_id)):
@@ -80,6 +82,14 @@ class SimpleSessionRequestHandler(AbstractRequestHandler):
             )
         prompt = self.chatstream.restore_prompt(record.get("prompt") or {})
         return ChatSession(session_id, prompt, dict(record.get("generation_params") or {}))
+
+    async def refresh_session(self, request: Request | None, session: ChatSession) -> None:
+        assert self.chatstream is not None
+        if session.id is None:
+            return
+        record = await self.chatstream.session_store.load(session.id)
+        if record is not None:
+            session.generation_params = dict(record.get("generation_params") or {})
 
     async def save_session(self, request: Request, session: ChatSession) -> None:
         assert self.chatstream is not None and session.id is not None

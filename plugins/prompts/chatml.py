@@ -7,10 +7,10 @@ of the embedded model), including its default system prompt. Also the fallback f
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 from chatstream.hookspecs import hookimpl
 from chatstream.prompt import ROLE_SYSTEM, AbstractChatPrompt
+from chatstream.types import Segment
 
 SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
@@ -27,17 +27,19 @@ class ChatMLPrompt(AbstractChatPrompt):
     default_system = SMOLLM_SYSTEM
     add_special_tokens = False
 
-    def create_prompt(self, opts: dict[str, Any] | None = None) -> str:
+    def render_segments(self) -> list[Segment]:
         """``<|im_start|>`` blocks for every message, then ``<|im_start|>assistant\\n``."""
         messages = self.rendered_messages()
-        parts: list[str] = []
+        parts: list[Segment] = []
         if messages and messages[0]["role"] != ROLE_SYSTEM:
             # The reference template inserts its default even when the system prompt was removed.
-            parts.append(f"<|im_start|>system\n{SMOLLM_SYSTEM}<|im_end|>\n")
+            parts.append(Segment.template(f"<|im_start|>system\n{SMOLLM_SYSTEM}<|im_end|>\n"))
         for message in messages:
-            parts.append(f"<|im_start|>{message['role']}\n{message['content']}<|im_end|>\n")
-        parts.append("<|im_start|>assistant\n")
-        return "".join(parts)
+            parts.append(Segment.template(f"<|im_start|>{message['role']}\n"))
+            parts.append(Segment.content(message["content"]))
+            parts.append(Segment.template("<|im_end|>\n"))
+        parts.append(Segment.template("<|im_start|>assistant\n"))
+        return parts
 
 
 @hookimpl

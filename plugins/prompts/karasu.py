@@ -12,10 +12,10 @@ Treat it as a well-founded candidate, not as the model's official format.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 from chatstream.hookspecs import hookimpl
 from chatstream.prompt import ROLE_SYSTEM, ROLE_USER, AbstractChatPrompt
+from chatstream.types import Segment
 
 
 class KarasuChatPrompt(AbstractChatPrompt):
@@ -33,21 +33,22 @@ class KarasuChatPrompt(AbstractChatPrompt):
     eos_tokens = ("</s>",)
     add_special_tokens = True
 
-    def create_prompt(self, opts: dict[str, Any] | None = None) -> str:
+    def render_segments(self) -> list[Segment]:
         """The Shisa turns, ending after the last `` [/INST]``."""
-        parts: list[str] = []
+        parts: list[Segment] = []
         for index, message in enumerate(self.rendered_messages()):
-            content = message["content"]
+            content = Segment.content(message["content"])
             if message["role"] == ROLE_USER:
                 if index > 1:
-                    parts.append(f"{self.bos_token}[INST] {content} [/INST]")
+                    parts += [Segment.template(f"{self.bos_token}[INST] "), content]
                 else:
-                    parts.append(f"{content} [/INST]")
+                    parts.append(content)
+                parts.append(Segment.template(" [/INST]"))
             elif message["role"] == ROLE_SYSTEM:
-                parts.append(f"[INST] <<SYS>>\n{content}\n<</SYS>>\n\n")
+                parts += [Segment.template("[INST] <<SYS>>\n"), content, Segment.template("\n<</SYS>>\n\n")]
             else:
-                parts.append(f" {content} {self.eos_token}")
-        return "".join(parts)
+                parts += [Segment.template(" "), content, Segment.template(f" {self.eos_token}")]
+        return parts
 
 
 @hookimpl

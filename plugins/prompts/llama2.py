@@ -6,10 +6,10 @@ Matches the ``chat_template`` of meta-llama/Llama-2-7b-chat-hf (also 13b/70b cha
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 from chatstream.hookspecs import hookimpl
-from chatstream.prompt import ROLE_SYSTEM, ROLE_USER, AbstractChatPrompt
+from chatstream.prompt import ROLE_SYSTEM, ROLE_USER, AbstractChatPrompt, PromptShapeError
+from chatstream.types import Segment
 
 
 class Llama2ChatPrompt(AbstractChatPrompt):
@@ -25,28 +25,40 @@ class Llama2ChatPrompt(AbstractChatPrompt):
     eos_tokens = ("</s>",)
     add_special_tokens = False
 
-    def create_prompt(self, opts: dict[str, Any] | None = None) -> str:
+    def render_segments(self) -> list[Segment]:
         """``<s>[INST] ... [/INST]`` turns, ending after the last ``[/INST]``."""
         messages = self.rendered_messages()
         system: str | None = None
         if messages and messages[0]["role"] == ROLE_SYSTEM:
             system = messages[0]["content"]
             messages = messages[1:]
-        parts: list[str] = []
+        parts: list[Segment] = []
         for index, message in enumerate(messages):
             if (message["role"] == ROLE_USER) != (index % 2 == 0):
-                raise ValueError(
+                raise PromptShapeError(
                     "the llama2 prompt format needs alternating user/assistant messages starting with a "
                     f"user message; message {index} is from {message['role']!r}"
                 )
             content = message["content"]
-            if index == 0 and system is not None:
-                content = f"<<SYS>>\n{system}\n<</SYS>>\n\n{content}"
             if message["role"] == ROLE_USER:
-                parts.append(f"{self.bos_token}[INST] {content.strip()} [/INST]")
+                parts.append(Segment.template(f"{self.bos_token}[INST] "))
+                if index == 0 and system is not None:
+                    # The reference strips "<<SYS>>\n{system}\n<</SYS>>\n\n{content}" as one text.
+                    parts += [Segment.template("<<SYS>>\n"), Segment.content(system)]
+                    if content.rstrip():
+                        parts += [Segment.template("\n<</SYS>>\n\n"), Segment.content(content.rstrip())]
+                    else:
+                        parts.append(Segment.template("\n<</SYS>>"))
+                else:
+                    parts.append(Segment.content(content.strip()))
+                parts.append(Segment.template(" [/INST]"))
             else:
-                parts.append(f" {content.strip()} {self.eos_token}")
-        return "".join(parts)
+                parts += [
+                    Segment.template(" "),
+                    Segment.content(content.strip()),
+                    Segment.template(f" {self.eos_token}"),
+                ]
+        return parts
 
 
 @hookimpl

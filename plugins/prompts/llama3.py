@@ -7,10 +7,10 @@ later differ (a dated system block is always written): they use their tokenizer'
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 from chatstream.hookspecs import hookimpl
 from chatstream.prompt import AbstractChatPrompt
+from chatstream.types import Segment
 
 
 class Llama3ChatPrompt(AbstractChatPrompt):
@@ -21,15 +21,18 @@ class Llama3ChatPrompt(AbstractChatPrompt):
     eos_tokens = ("<|eot_id|>", "<|end_of_text|>")
     add_special_tokens = False
 
-    def create_prompt(self, opts: dict[str, Any] | None = None) -> str:
+    def render_segments(self) -> list[Segment]:
         """Header blocks for every message, then the assistant header."""
-        parts: list[str] = []
+        parts: list[Segment] = []
         for index, message in enumerate(self.rendered_messages()):
             header = f"<|start_header_id|>{message['role']}<|end_header_id|>\n\n"
-            block = f"{header}{message['content'].strip()}<|eot_id|>"
-            parts.append(self.bos_token + block if index == 0 else block)
-        parts.append("<|start_header_id|>assistant<|end_header_id|>\n\n")
-        return "".join(parts)
+            parts += [
+                Segment.template(self.bos_token + header if index == 0 else header),
+                Segment.content(message["content"].strip()),
+                Segment.template("<|eot_id|>"),
+            ]
+        parts.append(Segment.template("<|start_header_id|>assistant<|end_header_id|>\n\n"))
+        return parts
 
 
 @hookimpl

@@ -8,10 +8,10 @@ whose prompt is ``\\n以下は、タスクを説明する指示と、文脈の�
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 from chatstream.hookspecs import hookimpl
-from chatstream.prompt import ROLE_SYSTEM, ROLE_USER, AbstractChatPrompt
+from chatstream.prompt import ROLE_SYSTEM, ROLE_USER, AbstractChatPrompt, PromptShapeError
+from chatstream.types import Segment
 
 PREAMBLE = (
     "\n以下は、タスクを説明する指示と、文脈のある入力の組み合わせです。"
@@ -33,18 +33,18 @@ class NekomataInstructionPrompt(AbstractChatPrompt):
     add_special_tokens = False
     default_prompt_ttl = 1
 
-    def create_prompt(self, opts: dict[str, Any] | None = None) -> str:
+    def render_segments(self) -> list[Segment]:
         """Preamble, 指示, optional 入力, then ``### 応答:\\n``."""
         messages = self.rendered_messages()
         instruction = messages[0]["content"] if messages and messages[0]["role"] == ROLE_SYSTEM else None
         inputs = [m["content"] for m in messages if m["role"] == ROLE_USER]
         if not inputs:
-            raise ValueError("the nekomata prompt format needs a user message (the text for the task)")
-        if instruction is None:
-            body = f"### 指示:\n{inputs[-1]}\n\n"
-        else:
-            body = f"### 指示:\n{instruction}\n\n### 入力:\n{inputs[-1]}\n\n"
-        return f"{PREAMBLE}{body}### 応答:\n"
+            raise PromptShapeError("the nekomata prompt format needs a user message (the text for the task)")
+        parts = [Segment.template(f"{PREAMBLE}### 指示:\n")]
+        if instruction is not None:
+            parts += [Segment.content(instruction), Segment.template("\n\n### 入力:\n")]
+        parts += [Segment.content(inputs[-1]), Segment.template("\n\n### 応答:\n")]
+        return parts
 
 
 @hookimpl

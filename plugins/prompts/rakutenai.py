@@ -9,10 +9,10 @@ added in September 2024, may differ; with a tokenizer that has it, ``prompt_form
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 from chatstream.hookspecs import hookimpl
 from chatstream.prompt import ROLE_SYSTEM, ROLE_USER, AbstractChatPrompt
+from chatstream.types import Segment
 
 RAKUTEN_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -30,21 +30,29 @@ class RakutenAIChatPrompt(AbstractChatPrompt):
     default_system = RAKUTEN_SYSTEM
     add_special_tokens = True
 
-    def create_prompt(self, opts: dict[str, Any] | None = None) -> str:
+    def render_segments(self) -> list[Segment]:
         """System sentence, ``USER:``/``ASSISTANT:`` turns, ending with ``ASSISTANT:``."""
         messages = self.rendered_messages()
-        system = RAKUTEN_SYSTEM
+        system = Segment.template(RAKUTEN_SYSTEM)
         if messages and messages[0]["role"] == ROLE_SYSTEM:
-            system = messages[0]["content"]
+            system = Segment.content(messages[0]["content"])
             messages = messages[1:]
-        parts = [system + " "]
+        parts = [system, Segment.template(" ")]
         for message in messages:
             if message["role"] == ROLE_USER:
-                parts.append(f"USER: {message['content']} ")
+                parts += [
+                    Segment.template("USER: "),
+                    Segment.content(message["content"]),
+                    Segment.template(" "),
+                ]
             else:
-                parts.append(f"ASSISTANT: {message['content']}{self.eos_token}")
-        parts.append("ASSISTANT:")
-        return "".join(parts)
+                parts += [
+                    Segment.template("ASSISTANT: "),
+                    Segment.content(message["content"]),
+                    Segment.template(self.eos_token),
+                ]
+        parts.append(Segment.template("ASSISTANT:"))
+        return parts
 
 
 @hookimpl

@@ -20,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from chatstream.access import AccessDenied, AccessPolicy, presented_key
 from chatstream.chatstream import ChatStream, ChatStreamError, ChatStreamRequestBody
 from chatstream.hookspecs import hookimpl
+from chatstream.plugins.transports.chat_stream_http import answer_chat_stream, field_error
+from chatstream.prompt import AbstractChatPrompt
 from chatstream.sessions import ChatSession
 from chatstream.types import GenerationParams
 
@@ -55,9 +57,7 @@ async def parse_body(request: Request, model: type[M], max_bytes: int = MAX_BODY
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        error = exc.errors()[0]
-        field = ".".join(str(p) for p in error["loc"]) or "body"
-        raise ChatStreamError(422, "invalid_field", f"{field}: {error['msg']}", field=field) from None
+        raise field_error(exc) from None
 
 
 def respond(cs: ChatStream, session: ChatSession, body: Any, status: int = 200) -> Response:
@@ -68,7 +68,7 @@ def respond(cs: ChatStream, session: ChatSession, body: Any, status: int = 200) 
 
 async def chat_stream(cs: ChatStream, request: Request) -> Response:
     """POST ``{"user_input": "...", "regenerate": false}``: streams the answer (header X-Message-Id)."""
-    return await cs.handle_chat_stream_request(request)
+    return await answer_chat_stream(cs, request)
 
 
 async def clear_context(cs: ChatStream, request: Request) -> Response:
@@ -77,7 +77,7 @@ async def clear_context(cs: ChatStream, request: Request) -> Response:
     if cs.is_generating(session.id):
         raise ChatStreamError(409, "session_busy", "an answer is being generated; stop it first")
     session.prompt.clear_history()
-    if session.id is not None:
+    if session.id is not None and not session.is_new:  # a new session has nothing to clear
         await cs.save_session(request, session)
     return respond(cs, session, {"success": True})
 
@@ -90,11 +90,20 @@ async def get_prompt(cs: ChatStream, request: Request) -> Response:
         cs,
         session,
         {
-            "prompt": prompt.create_prompt() if prompt.get_contents() else prompt.build_initial_prompt(),
+            "prompt": rendered_or_none(prompt),
             "messages": [{"role": c.role, "message": c.message, "id": c.id} for c in prompt.get_contents()],
             "format": type(prompt).__name__,
         },
     )
+
+
+def rendered_or_none(prompt: AbstractChatPrompt) -> str | None:
+    """The prompt the model would see, or None when the format cannot render this conversation
+    yet (a chat template that needs a user message, before the first one)."""
+    try:
+        return prompt.create_prompt() if prompt.get_contents() else prompt.build_initial_prompt()
+    except Exception:
+        return None
 
 
 async def set_generation_params(cs: ChatStream, request: Request) -> Response:
@@ -108,10 +117,14 @@ async def set_generation_params(cs: ChatStream, request: Request) -> Response:
             "stateless",
             "this request handler keeps no session: send generation_params with each request",
         )
-    merged = {**session.generation_params, **values}
-    effective = cs.generation_params(ChatSession(None, session.prompt, merged))  # validates and clamps
-    session.generation_params = merged
-    await cs.save_session(request, session)
+    # Validate first: a refused value stores nothing.
+    cs.generation_params(ChatSession(None, session.prompt, {**session.generation_params, **values}))
+    async with cs.session_lock(session.id):  # a turn saving meanwhile re-reads these parameters
+        if not session.is_new:
+            session = await cs.open_session(request)  # the record as it is now, under the lock
+        session.generation_params = {**session.generation_params, **values}
+        effective = cs.generation_params(session)
+        await cs.save_session(request, session)
     return respond(cs, session, effective.model_dump())
 
 
@@ -140,7 +153,7 @@ async def set_feedback(cs: ChatStream, request: Request) -> Response:
         "message_id": body.message_id,
         "type": body.type,
         "message": contents[index].message,
-        "prompt": upto.create_prompt() if upto.get_contents() else upto.build_initial_prompt(),
+        "prompt": rendered_or_none(upto),
         "generation_params": cs.generation_params(session).model_dump(),
         "data": body.data or {},
     }
