@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from .admission import Admission, Load
-from .errors import ChatStreamError, StreamAborted
+from .errors import ChatStreamError, ClientDisconnected, StreamAborted, check_unicode
 from .pipeline import clamp_params
 from .plugin_manager import LoadedPlugins, get_loaded_plugins
 from .prompt import AbstractChatPrompt
@@ -96,16 +96,7 @@ class ChatStreamRequestBody(BaseModel):
 
     user_input: str = Field("", description="the user's message")
 
-    @field_validator("user_input")
-    @classmethod
-    def _valid_unicode(cls, value: str) -> str:
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError(
-                "the text holds an unpaired surrogate (like \\ud800): send valid Unicode"
-            ) from None
-        return value
+    _unicode = field_validator("user_input")(check_unicode)
 
     regenerate: bool = Field(False, description="generate the last answer again instead of adding a message")
     generation_params: dict[str, Any] | None = Field(
@@ -594,6 +585,7 @@ __all__ = [
     "ChatStream",
     "ChatStreamError",
     "ChatStreamRequestBody",
+    "ClientDisconnected",
     "GenerationStats",
     "SessionConflict",
     "StreamAborted",

@@ -6,7 +6,7 @@ Both are plain objects, one per request, shared by every engine that produces to
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 REPLACEMENT_CHAR = "\ufffd"
@@ -130,11 +130,15 @@ class TokenTextStream:
     """Token ids in, text a user may see out: :class:`IncrementalDetokenizer` followed by
     :class:`StopStringFilter`, counting tokens. One per request; engines that sample token ids
     feed it and wrap what it returns in ``TextDelta``.
+
+    A special token the model generates (``<|endoftext|>``, ``<|im_start|>``) is never shown as
+    text: one whose string is a stop string ends the answer there, any other is left out.
     """
 
     def __init__(self, tokenizer: Any, prompt_ids: Sequence[int], stop: Iterable[str] = ()) -> None:
         self._detokenizer = IncrementalDetokenizer(tokenizer, context=prompt_ids)
         self._stops = StopStringFilter(stop)
+        self._special = special_token_text(tokenizer)
         self.tokens = 0
 
     @property
@@ -149,7 +153,11 @@ class TokenTextStream:
             if self._stops.stopped:
                 break
             self.tokens += 1
-            parts.append(self._stops.feed(self._detokenizer.add(token)))
+            special = self._special(int(token))
+            if special is None:
+                parts.append(self._stops.feed(self._detokenizer.add(token)))
+            elif special in self._stops.stop:
+                parts.append(self._stops.feed(self._detokenizer.flush() + special))
         return "".join(parts)
 
     def finish(self) -> str:
@@ -157,3 +165,27 @@ class TokenTextStream:
         if self._stops.stopped:
             return ""
         return self._stops.feed(self._detokenizer.flush()) + self._stops.flush()
+
+
+def special_token_text(tokenizer: Any) -> Callable[[int], str | None]:
+    """``id -> its string`` for the tokenizer's special tokens (None for every other id).
+
+    A tokenizer may bring its own ``special_text`` (the OpenVINO adapter does); for a Hugging
+    Face tokenizer the map is read once from its special and added special tokens.
+    """
+    own = getattr(tokenizer, "special_text", None)
+    if callable(own):
+        return own
+    table: dict[int, str] = {}
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    for token_id, token in decoder.items():
+        if getattr(token, "special", False):
+            table[int(token_id)] = str(token)
+    ids = getattr(tokenizer, "all_special_ids", None) or []
+    convert = getattr(tokenizer, "convert_ids_to_tokens", None)
+    if callable(convert):
+        for token_id in ids:
+            text = convert(int(token_id))
+            if isinstance(text, str):
+                table.setdefault(int(token_id), text)
+    return table.get

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from pydantic import ValidationError
+
 Namer = Callable[[str], str]
 """Core field name -> the name a transport's clients use for it."""
 
@@ -82,6 +84,25 @@ def _namer(names: Mapping[str, str] | None) -> Namer:
         return field
 
     return name
+
+
+def field_error(exc: ValidationError, code: str = "invalid_field") -> ChatStreamError:
+    """A body's first validation error as a 422 that names the field as sent (``messages.0.content``)
+    and says what is wrong in the validator's own words."""
+    error = exc.errors()[0]
+    field = ".".join(str(part) for part in error["loc"]) or "body"
+    cause = (error.get("ctx") or {}).get("error")
+    text = str(cause) if isinstance(cause, ValueError) else error["msg"]
+    return ChatStreamError(422, code, f"{field}: {text}", field=field)
+
+
+def check_unicode(text: str) -> str:
+    """``text`` if it can be sent back as UTF-8; a lone surrogate (valid JSON, ``"\\ud800"``) cannot."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("the text holds an unpaired surrogate (like \\ud800): send valid Unicode") from None
+    return text
 
 
 class ParamValueError(ValueError):

@@ -156,6 +156,8 @@ def sample_next_tokens(
         raise ValueError(f"sample_next_tokens got {len(rows)} rows for scores with {batch} rows")
     if generators is not None and len(generators) != batch:
         raise ValueError(f"sample_next_tokens got {len(generators)} generators for {batch} rows")
+    # A NaN score (a processor that divided by zero) must never win: it counts as -inf.
+    scores = torch.nan_to_num(scores, nan=-torch.inf)
     tokens = scores.argmax(dim=-1)
     sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
     seeded = [i for i in sampled if generators is not None and generators[i] is not None]

@@ -104,6 +104,7 @@ class Turn:
         self._admitted = False
         self._finished = False
         self._saved = False
+        self.saved_question = False  # the question is in the store (the client may come back to it)
 
     @property
     def stores(self) -> bool:
@@ -156,6 +157,7 @@ class Turn:
                 # Keep the question before the answer starts: a store that is down is a clear 503
                 # now, not a history silently lost after the answer was shown.
                 await cs.save_session(self.request, self.session)
+                self.saved_question = True
             self._first = await self._first_event(self.gen_request)
         except BaseException as exc:
             with anyio.CancelScope(shield=True):

@@ -31,9 +31,10 @@ from chatstream.app import create_app
 from chatstream.detokenize import TokenTextStream
 from chatstream.plugins.engines import openvino_engine
 from chatstream.plugins.engines.openvino_engine import OpenVINOEngine
+from chatstream.plugins.prompts.hf_template import HFTemplatePrompt
 from chatstream.settings import load_settings
 from chatstream.testing import isolated_plugins
-from chatstream.types import EngineConfig, GenerationRequest
+from chatstream.types import EngineConfig, GenerationRequest, Segment, joined
 
 CACHE = Path(os.environ.get("CHATSTREAM_CI_CACHE") or "~/.cache/chatstream-ci").expanduser()
 EXPORT_VENV = CACHE / "ov-export"
@@ -219,24 +220,38 @@ def hf_tokenizer(export: Callable[[str], Path]) -> Any:
     return AutoTokenizer.from_pretrained(export("int4"))
 
 
+def hf_segments(tokenizer: Any, messages: list[dict[str, str]]) -> list[Segment]:
+    """``messages`` in the tokenizer's own chat template, as segments (the ``hf`` format)."""
+    prompt = HFTemplatePrompt.for_tokenizer(tokenizer)()
+    for message in messages:
+        if message["role"] == "system":
+            prompt.set_system(message["content"])
+        else:
+            prompt.add_requester_msg(message["content"])
+    prompt.add_responder_msg(None)
+    return prompt.render_segments()
+
+
 def test_ir_tokenizer_matches_the_hugging_face_one(ir_engine: OpenVINOEngine, hf_tokenizer: Any) -> None:
     hf = hf_tokenizer
     messages = [
         {"role": "system", "content": "Answer briefly."},
         {"role": "user", "content": "日本の首都は？ a < b, |pipes| and <tags>"},
     ]
-    text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    spans = [m["content"] for m in messages]
-    assert ir_engine.encode(text, None, spans) == ir_engine.encode(text) == hf(text)["input_ids"]
+    segments = hf_segments(hf, messages)
+    text = joined(segments)
+    assert text == hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert ir_engine.encode(segments) == ir_engine.encode(text) == hf(text)["input_ids"]
 
 
 def test_injected_markers_stay_text_in_an_ir_model(ir_engine: OpenVINOEngine, hf_tokenizer: Any) -> None:
     hf = hf_tokenizer
     im_start = hf.convert_tokens_to_ids("<|im_start|>")
     messages = [{"role": "user", "content": INJECTION}]
-    text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    segments = hf_segments(hf, messages)
+    text = joined(segments)
     unsafe = ir_engine.encode(text)
-    safe = ir_engine.encode(text, None, [INJECTION])
+    safe = ir_engine.encode(segments)
     assert unsafe.count(im_start) == 4  # the template's two markers and the two typed ones
     assert safe.count(im_start) == 2
     assert safe != unsafe and safe[0] == hf.bos_token_id
@@ -249,4 +264,4 @@ def test_injected_markers_stay_text_in_an_ir_model(ir_engine: OpenVINOEngine, hf
     from chatstream.plugins.engines.transformers_engine import TransformersEngine
 
     reference = TransformersEngine(EngineConfig(tokenizer=hf, device="cpu"))
-    assert safe == reference.encode(text, None, [INJECTION])
+    assert safe == reference.encode(segments)

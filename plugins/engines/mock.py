@@ -17,6 +17,7 @@ import re
 from collections.abc import AsyncIterator
 from typing import Any
 
+from chatstream.detokenize import StopStringFilter
 from chatstream.hookspecs import hookimpl
 from chatstream.types import EngineConfig, FinishReason, GenerationRequest, TextDelta
 
@@ -88,14 +89,25 @@ class MockEngine:
         if self.initial_wait:
             await asyncio.sleep(self.initial_wait)
         limit = request.params.max_new_tokens
-        for count, piece in enumerate(tokens[:limit], start=1):
+        # Stop strings end the answer as a model's would: client code tested on the mock sees
+        # its stop sequences work (or not) as they will on a real engine.
+        stops = StopStringFilter(request.stop)
+        count = 0
+        for piece in tokens[:limit]:
             if self.time_per_token:
                 await asyncio.sleep(self.time_per_token)
             else:
                 await asyncio.sleep(0)  # let other requests and disconnect checks run
-            yield TextDelta(piece, count)
+            count += 1
+            shown = stops.feed(piece)
+            if shown or not stops.stopped:
+                yield TextDelta(shown, count)
+            if stops.stopped:
+                yield TextDelta("", count, FinishReason.STOP)
+                return
+        rest = stops.flush()
         reason = FinishReason.LENGTH if len(tokens) > limit else FinishReason.STOP
-        yield TextDelta("", min(len(tokens), limit), reason)
+        yield TextDelta(rest, count, reason)
 
 
 def create_mock_engine(config: EngineConfig) -> MockEngine:

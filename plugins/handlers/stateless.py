@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.requests import Request
 
-from chatstream.chatstream import ChatStreamError
+from chatstream.errors import ChatStreamError, check_unicode, field_error
 from chatstream.hookspecs import hookimpl
 from chatstream.sessions import AbstractRequestHandler, ChatSession
 
@@ -24,6 +24,8 @@ class Message(BaseModel):
 
     role: Literal["system", "user", "assistant"]
     content: str
+
+    _unicode = field_validator("content")(check_unicode)
 
 
 class StatelessBody(BaseModel):
@@ -43,9 +45,7 @@ class StatelessRequestHandler(AbstractRequestHandler):
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             raise ChatStreamError(400, "invalid_json", "the body must be JSON") from None
         except ValidationError as exc:
-            error = exc.errors()[0]
-            field = ".".join(str(p) for p in error["loc"])
-            raise ChatStreamError(422, "invalid_field", f"{field}: {error['msg']}", field=field) from None
+            raise field_error(exc) from None
         prompt = self.chatstream.new_prompt()
         limit = self.chatstream.settings.max_input_chars
         for message in body.messages:

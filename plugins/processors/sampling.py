@@ -170,8 +170,9 @@ def _check_no_options(name: str, options: dict[str, Any]) -> None:
 def temperature_factory(rows: Sequence[RowInfo], options: dict[str, Any]) -> LogitsProcessor | None:
     """One ``TemperatureProcessor`` for the batch, or None when every row is greedy or at 1."""
     _check_no_options("temperature", options)
-    values = [row.params.temperature for row in rows]
-    if all(t in (0.0, 1.0) for t in values):
+    # Greedy rows (temperature 0, or so small that dividing would overflow) keep their logits.
+    values = [1.0 if row.params.greedy else row.params.temperature for row in rows]
+    if all(t == 1.0 for t in values):
         return None
     return TemperatureProcessor(values)
 

@@ -13,8 +13,14 @@ from chatstream.hookspecs import hookimpl
 
 class MemorySessionStore:
     """Sessions in a dict. ``ttl_s`` after the last use a session expires; beyond ``max_sessions``
-    the least recently used one is evicted. Records are deep-copied in and out, so a caller that
-    keeps mutating its objects never changes what is stored until it saves again.
+    one is evicted. Records are deep-copied in and out, so a caller that keeps mutating its objects
+    never changes what is stored until it saves again.
+
+    Eviction is a segmented LRU: a session enters on probation and is promoted once it is loaded
+    again (its client came back with the cookie). Probationary sessions are evicted first, oldest
+    first; a promoted one only when no probationary one is left. So a flood of new sessions (any
+    client can make one per request, with no cookie) evicts other new sessions, never the
+    conversations of users who came back.
     """
 
     def __init__(self, ttl_s: float = 3600.0, max_sessions: int = 10_000) -> None:
@@ -24,43 +30,51 @@ class MemorySessionStore:
             raise ValueError(f"memory store max_sessions={max_sessions}: must be at least 1")
         self.ttl_s = ttl_s
         self.max_sessions = max_sessions
-        self._data: collections.OrderedDict[str, tuple[float, dict[str, Any]]] = collections.OrderedDict()
+        # Each segment in least recently used order: (last use, record).
+        self._probation: collections.OrderedDict[str, tuple[float, dict[str, Any]]] = (
+            collections.OrderedDict()
+        )
+        self._protected: collections.OrderedDict[str, tuple[float, dict[str, Any]]] = (
+            collections.OrderedDict()
+        )
         self._lock = asyncio.Lock()
 
     def __len__(self) -> int:
-        return len(self._data)
+        return len(self._probation) + len(self._protected)
 
     def _expire(self, now: float) -> None:
-        while self._data:
-            key, (stamp, _) = next(iter(self._data.items()))
-            if now - stamp < self.ttl_s:
-                break
-            del self._data[key]
+        for segment in (self._probation, self._protected):
+            while segment:
+                key, (stamp, _) = next(iter(segment.items()))
+                if now - stamp < self.ttl_s:
+                    break
+                del segment[key]
 
     async def load(self, session_id: str) -> dict[str, Any] | None:
         async with self._lock:
             now = time.monotonic()
             self._expire(now)
-            item = self._data.get(session_id)
+            item = self._protected.pop(session_id, None) or self._probation.pop(session_id, None)
             if item is None:
                 return None
-            self._data[session_id] = (now, item[1])
-            self._data.move_to_end(session_id)
+            self._protected[session_id] = (now, item[1])  # used again: promoted (or kept) protected
             return copy.deepcopy(item[1])
 
     async def save(self, session_id: str, data: dict[str, Any]) -> None:
         record = copy.deepcopy(data)  # copy first: a failure leaves the old record intact
         async with self._lock:
             now = time.monotonic()
-            self._data[session_id] = (now, record)
-            self._data.move_to_end(session_id)
+            segment = self._protected if session_id in self._protected else self._probation
+            segment.pop(session_id, None)
+            segment[session_id] = (now, record)
             self._expire(now)
-            while len(self._data) > self.max_sessions:
-                self._data.popitem(last=False)
+            while len(self) > self.max_sessions:
+                (self._probation or self._protected).popitem(last=False)
 
     async def delete(self, session_id: str) -> None:
         async with self._lock:
-            self._data.pop(session_id, None)
+            self._probation.pop(session_id, None)
+            self._protected.pop(session_id, None)
 
     async def close(self) -> None:
         return None

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
 from chatstream.chatstream import ChatStream, ChatStreamRequestBody
-from chatstream.errors import ChatStreamError, ClientDisconnected, StreamAborted
+from chatstream.errors import ChatStreamError, ClientDisconnected, StreamAborted, field_error
 from chatstream.streaming import ChatStreamingResponse
 from chatstream.turn import EngineFailed, ServerShutdown, Turn, report_refused
 
@@ -36,6 +36,7 @@ async def answer_chat_stream(
     if not cs.ready:
         await cs.start()
     turn: Turn | None = None
+    session = None
     try:
         stream_format = request.query_params.get("format", cs.settings.stream_format)
         if stream_format not in ("cumulative", "delta"):
@@ -53,8 +54,12 @@ async def answer_chat_stream(
             await report_refused(cs, TRANSPORT, exc, getattr(request.state, "request_id", None))
         if exc.code == "too_many_requests":  # the documented body, in-band (200) unless asked for 429
             status = exc.status if cs.settings.too_many_request_as_http_error else 200
-            return JSONResponse({"error": "too_many_requests"}, status_code=status, headers=exc.headers)
-        return JSONResponse(exc.to_dict(), status_code=exc.status, headers=exc.headers or None)
+            refusal = JSONResponse({"error": "too_many_requests"}, status_code=status, headers=exc.headers)
+        else:
+            refusal = JSONResponse(exc.to_dict(), status_code=exc.status, headers=exc.headers or None)
+        if session is not None and turn is not None and turn.saved_question:
+            cs.request_handler.finish_response(refusal, session)  # the question is kept: so is its session
+        return refusal
     except ClientDisconnected:
         return Response(status_code=499)  # nobody reads it; the status marks it in logs
     response = ChatStreamingResponse(
@@ -119,12 +124,3 @@ async def parse_chat_body(
             field="user_input",
         )
     return parsed
-
-
-def field_error(exc: ValidationError) -> ChatStreamError:
-    """A body's first validation error as a 422 that names the field (dotted, as sent)."""
-    error = exc.errors()[0]
-    field = ".".join(str(part) for part in error["loc"]) or "body"
-    cause = (error.get("ctx") or {}).get("error")
-    text = str(cause) if isinstance(cause, ValueError) else error["msg"]
-    return ChatStreamError(422, "invalid_field", f"{field}: {text}", field=field)

@@ -16,11 +16,13 @@ from typing import Any, Literal, TypeVar
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.requests import ClientDisconnect
 
 from chatstream.access import AccessDenied, AccessPolicy, presented_key
 from chatstream.chatstream import ChatStream, ChatStreamError, ChatStreamRequestBody
+from chatstream.errors import field_error
 from chatstream.hookspecs import hookimpl
-from chatstream.plugins.transports.chat_stream_http import answer_chat_stream, field_error
+from chatstream.plugins.transports.chat_stream_http import answer_chat_stream
 from chatstream.prompt import AbstractChatPrompt
 from chatstream.sessions import ChatSession
 from chatstream.types import GenerationParams
@@ -58,6 +60,12 @@ async def parse_body(request: Request, model: type[M], max_bytes: int = MAX_BODY
         return model.model_validate(data)
     except ValidationError as exc:
         raise field_error(exc) from None
+
+
+def client_left(cs: ChatStream, endpoint: str) -> Response:
+    """A client that left while sending its request: one log line, no traceback."""
+    cs.logger.info("%s: the client left before its request was read", endpoint)
+    return Response(status_code=499)  # nobody reads it; the status marks it in access logs
 
 
 def respond(cs: ChatStream, session: ChatSession, body: Any, status: int = 200) -> Response:
@@ -307,6 +315,8 @@ def install(app: FastAPI, cs: ChatStream, options: dict[str, Any] | None = None)
                 )
             except ChatStreamError as exc:
                 return JSONResponse(exc.to_dict(), status_code=exc.status)
+            except ClientDisconnect:
+                return client_left(cs, name)
 
         endpoint.__doc__ = handler.__doc__
         return endpoint

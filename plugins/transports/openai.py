@@ -34,12 +34,13 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
 
 from chatstream.access import AccessDenied, AccessPolicy, presented_key
 from chatstream.chatstream import ChatStream
 from chatstream.errors import ChatStreamError
 from chatstream.hookspecs import hookimpl
-from chatstream.plugins.transports.fastapi import json_body
+from chatstream.plugins.transports.fastapi import client_left, json_body
 from chatstream.plugins.transports.openai_protocol import (
     CHAT_NAMES,
     ChatCompletionRequest,
@@ -54,6 +55,7 @@ from chatstream.plugins.transports.openai_serving import (
     served_model_id,
     text_completions,
 )
+from chatstream.turn import report_refused
 
 OPTIONS = ("model_id", "max_body_bytes")
 
@@ -96,10 +98,16 @@ def install(app: FastAPI, cs: ChatStream, options: dict[str, Any] | None = None)
             try:
                 check_access(request, "chat_completions")
                 return await answer(cs, request, options)
-            except OpenAIError as exc:
-                return exc.response()
             except ChatStreamError as exc:
-                return openai_error(exc, CHAT_NAMES).response()
+                failure = openai_error(exc, CHAT_NAMES)
+            except OpenAIError as exc:
+                failure = exc
+            except ClientDisconnect:
+                return client_left(cs, TRANSPORT)
+            if not failure.reported:  # refused before its turn began: counted here
+                refusal = ChatStreamError(failure.status, failure.code or "invalid_request", failure.message)
+                await report_refused(cs, TRANSPORT, refusal, getattr(request.state, "request_id", None))
+            return failure.response()
 
         return endpoint
 

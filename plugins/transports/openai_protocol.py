@@ -15,7 +15,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from chatstream.errors import ChatStreamError
+from chatstream.errors import ChatStreamError, check_unicode
 
 _ERROR_TYPES = {
     401: "authentication_error",
@@ -42,6 +42,7 @@ class OpenAIError(Exception):
         self.param = param
         self.code = code
         self.headers = headers
+        self.reported = False  # True once its turn reported how the request ended
 
     def body(self) -> dict[str, Any]:
         kind = _ERROR_TYPES.get(self.status)
@@ -66,7 +67,7 @@ class Message(BaseModel):
     @field_validator("content")
     @classmethod
     def _text_content(cls, value: Any) -> str:
-        return _valid_unicode(cls._joined_text(value))
+        return check_unicode(cls._joined_text(value))
 
     @staticmethod
     def _joined_text(value: Any) -> str:
@@ -150,15 +151,6 @@ class ChatCompletionRequest(_GenerationBody):
     tool_choice: Any = None
 
 
-def _valid_unicode(text: str) -> str:
-    """``text`` if it can be sent back as UTF-8; a lone surrogate (valid JSON, ``"\\ud800"``) cannot."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("the text holds an unpaired surrogate (like \\ud800): send valid Unicode") from None
-    return text
-
-
 def _stop_list(value: Any) -> list[str]:
     """``stop`` as a list of non-empty strings."""
     if value is None:
@@ -191,7 +183,7 @@ class CompletionRequest(_GenerationBody):
             raise ValueError("prompt must be one string (lists of prompts and token ids are not supported)")
         if not value:
             raise ValueError("prompt is empty: send the text to continue")
-        return _valid_unicode(value)
+        return check_unicode(value)
 
 
 _UNSUPPORTED_HINT = "this server does not support it; leave it out"

@@ -280,7 +280,9 @@ async def _answer(
     try:
         await turn.start(gen_request)
     except ChatStreamError as exc:
-        raise openai_error(exc, _names(body)) from None
+        failure = openai_error(exc, _names(body))
+        failure.reported = True
+        raise failure from None
     except ClientDisconnected:
         return Response(status_code=499)
     completion = _Completion(turn, served_model_id(cs, options), text=isinstance(body, CompletionRequest))
