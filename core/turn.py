@@ -99,6 +99,7 @@ class Turn:
         self._queue: asyncio.Queue[TextDelta | _End] = asyncio.Queue(maxsize=1)
         self._first: TextDelta | _End | None = None
         self._checked_at = 0.0
+        self._stop_wait: asyncio.Future[Any] | None = None  # one per turn, not one per token
         self._stream: AsyncGenerator[str, None] | None = None
         self._holds_session = False
         self._admitted = False
@@ -282,26 +283,36 @@ class Turn:
     async def _next_item(self, watch_client: bool) -> TextDelta | _End:
         """The engine's next delta; ``ServerShutdown`` when the server stops the answer first, and
         with ``watch_client`` ``ClientDisconnected`` when the client leaves."""
+        if self.cs.stopping.is_set():
+            raise ServerShutdown("the server is shutting down")
+        if watch_client:
+            await self._check_client()
+        with contextlib.suppress(asyncio.QueueEmpty):
+            return self._queue.get_nowait()  # the common case while tokens flow: no task, no wait
         step = asyncio.ensure_future(self._queue.get())
-        stop_wait = asyncio.ensure_future(self.cs.stopping.wait())
+        if self._stop_wait is None:
+            self._stop_wait = asyncio.ensure_future(self.cs.stopping.wait())
         try:
             while not step.done():
                 await asyncio.wait(
-                    {step, stop_wait},
+                    {step, self._stop_wait},
                     timeout=POLL_S if watch_client else None,
                     return_when=asyncio.FIRST_COMPLETED,
                 )
-                if stop_wait.done() and not step.done():
+                if self._stop_wait.done() and not step.done():
                     raise ServerShutdown("the server is shutting down")
-                # Tokens may come faster than the poll: ask by the clock, not only on time-outs.
-                if watch_client and time.monotonic() - self._checked_at >= POLL_S:
-                    self._checked_at = time.monotonic()
-                    if not await self._client_connected():
-                        raise ClientDisconnected()
+                if watch_client:
+                    await self._check_client()
         finally:
-            stop_wait.cancel()
             step.cancel()  # (no-op when done) a delta taken as the answer ends is not needed
         return step.result()
+
+    async def _check_client(self) -> None:
+        # Tokens may come faster than the poll: ask by the clock, not only on time-outs.
+        if time.monotonic() - self._checked_at >= POLL_S:
+            self._checked_at = time.monotonic()
+            if not await self._client_connected():
+                raise ClientDisconnected()
 
     async def _client_connected(self) -> bool:
         return self.is_connected is None or await self.is_connected()
@@ -325,6 +336,8 @@ class Turn:
             return
         self._finished = True
         cs = self.cs
+        if self._stop_wait is not None:
+            self._stop_wait.cancel()
         with anyio.CancelScope(shield=True):
             try:
                 if self._stream is not None:  # a consumer that stopped early: how it ended
