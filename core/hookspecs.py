@@ -101,11 +101,16 @@ def shutdown(chatstream: Any) -> Any:
 
 @hookspec
 def on_request_finished(chatstream: Any, request_id: str, reason: str, info: dict[str, Any]) -> None:
-    """Called after every chat request, however it ended.
+    """Called once after every generation request (``/chat_stream``, ``/v1``, the console),
+    however it ended, refusals included.
 
     ``reason`` is one of ``success``, ``client_disconnected_before_streaming``,
-    ``client_disconnected_while_streaming``, ``unknown_error_occurred``, ``too_many_requests``.
-    ``info`` holds ``tokens``, ``duration_s`` and ``error`` (a message, or None).
+    ``client_disconnected_while_streaming``, ``unknown_error_occurred``, ``too_many_requests``,
+    ``invalid_request`` (refused with a 4xx) and ``server_shutdown`` (the server ended the answer
+    when its drain period ran out). ``request_id`` is the response's ``X-Request-Id``.
+    ``info`` holds ``tokens``, ``duration_s``, ``error`` (a message, or None), ``ttft_s`` (time to
+    the first token, or None), ``finish_reason`` (the engine's: ``stop``, ``length``, ...) and
+    ``transport`` (``chat_stream``, ``openai`` or ``console``).
     """
 
 
@@ -113,6 +118,7 @@ def on_request_finished(chatstream: Any, request_id: str, reason: str, info: dic
 def on_feedback(chatstream: Any, feedback: dict[str, Any]) -> None:
     """Called when a user sends feedback on a message (like/dislike).
 
-    ``feedback`` holds ``message_id``, ``type``, ``prompt`` (the prompt up to that message),
+    ``feedback`` holds ``message_id``, ``type``, ``message`` (that message's text), ``prompt``
+    (the prompt up to that message, or None when the format cannot render it),
     ``generation_params`` and any form ``data`` the client sent.
     """

@@ -34,7 +34,7 @@ template and special tokens); every value may be null.
      "deltas": [{"text": str, "tokens": int, "t": seconds since the request was submitted,
                  "finish_reason": null | "stop" | "length"}],   the stream as the client saw it
      "finish_reason": "stop" | "length",
-     "decoded": "<tokenizer.decode of the output tokens, EOS excluded>" | null,
+     "decoded": "<tokenizer.decode of the output tokens, EOS and special tokens excluded>" | null,
      "complete": true, "top_logits": K, "tensors": "<name>.npz" | null,
      "engine": str, "model": str, "request_id": str, "recorded_at": unix seconds}
 

@@ -13,8 +13,9 @@ that would otherwise yield a control token is encoded on its own, as plain text.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from .types import Segment, joined
 
@@ -111,14 +112,31 @@ def encode_segments(
 
 
 class HFPromptEncoder:
-    """:func:`encode_segments` for a Hugging Face tokenizer (``tokenizer(text)["input_ids"]``)."""
+    """:func:`encode_segments` for a Hugging Face tokenizer (``tokenizer(text)["input_ids"]``).
+
+    ``HFPromptEncoder.of(tokenizer)`` is the one encoder of a tokenizer (its special strings are
+    read once)."""
+
+    _by_tokenizer: ClassVar[weakref.WeakKeyDictionary[Any, HFPromptEncoder]] = weakref.WeakKeyDictionary()
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
         self.specials = SpecialStrings(special_token_strings(tokenizer))
 
-    def encode(self, segments: Sequence[Segment], add_special_tokens: bool | None = None) -> list[int]:
-        """Prompt ids (``add_special_tokens`` None: the tokenizer's default for added tokens)."""
+    @classmethod
+    def of(cls, tokenizer: Any) -> HFPromptEncoder:
+        try:
+            return cls._by_tokenizer[tokenizer]
+        except KeyError:
+            encoder = cls._by_tokenizer[tokenizer] = cls(tokenizer)
+            return encoder
+        except TypeError:  # a tokenizer that cannot be weakly referenced
+            return cls(tokenizer)
+
+    def encode(self, prompt: str | Sequence[Segment], add_special_tokens: bool | None = None) -> list[int]:
+        """Prompt ids (``add_special_tokens`` None: the tokenizer's default for added tokens).
+        A plain string is all template text."""
+        segments = [Segment.template(prompt)] if isinstance(prompt, str) else prompt
         tokenizer = self.tokenizer
         kwargs = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
 

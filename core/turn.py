@@ -96,7 +96,7 @@ class Turn:
         # contexts, such as an HTTP stream, that must be entered and left in one task) into a
         # queue of one: the engine runs no further ahead of a slow client than before.
         self._pump: asyncio.Task[None] | None = None
-        self._queue: asyncio.Queue[TextDelta | _End] = asyncio.Queue(maxsize=1)
+        self._queue: asyncio.Queue[TextDelta | _End] = asyncio.Queue(maxsize=16)
         self._first: TextDelta | _End | None = None
         self._checked_at = 0.0
         self._stop_wait: asyncio.Future[Any] | None = None  # one per turn, not one per token

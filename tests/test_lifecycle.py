@@ -214,7 +214,7 @@ async def test_the_console_turn_answers_and_recovers_from_an_engine_error() -> N
         async for _ in cs.handle_console_input("fail now one two three"):
             pass
     assert [text async for text in cs.handle_console_input("hello again")][-1] == "hello again"
-    contents = [c.message for c in cs._console_prompt.get_contents()]  # type: ignore[union-attr]
+    contents = [c.message for c in cs._console_prompt.get_contents()]
     # The failed turn kept its question without a half answer; the next message replaced it.
     assert contents == ["hello console", "hello console", "hello again", "hello again"]
     assert [r for r, _ in reports.calls] == ["success", "unknown_error_occurred", "success"]

@@ -80,7 +80,15 @@ async def say(client: httpx.AsyncClient, text: str) -> httpx.Response:
 
 @pytest.mark.parametrize("mode", ["chat", "completions"])
 async def test_answers_stream_through_and_the_front_keeps_the_conversation(mode: str) -> None:
-    _, upstream_app = upstream_server()
+    upstream_cs, upstream_app = upstream_server()
+    sent: list[GenerationRequest] = []
+    real_generate = upstream_cs.engine.generate
+
+    def spy(request: GenerationRequest) -> Any:
+        sent.append(request)
+        return real_generate(request)
+
+    upstream_cs.engine.generate = spy  # type: ignore[method-assign]
     with run_live_server(upstream_app) as upstream_url:
         _, front_app = front_server(upstream_url, mode)
         with run_live_server(front_app) as front_url:
@@ -94,11 +102,13 @@ async def test_answers_stream_through_and_the_front_keeps_the_conversation(mode:
         assert first.text == "the first question"
         assert second.text == "and the second one"
     else:
-        # The echo repeats the whole prompt the front rendered: our ChatML format, all turns so far.
-        assert "<|im_start|>user\nthe first question<|im_end|>" in second.text
-        assert second.text.rstrip().endswith(
-            "<|im_start|>user\nand the second one<|im_end|>\n<|im_start|>assistant"
-        )
+        # The upstream gets the whole prompt the front rendered: our ChatML format, all turns so
+        # far, with the format's stop string (so its echo stops at the first <|im_end|>).
+        prompt_sent = sent[-1].prompt
+        assert "<|im_start|>user\nthe first question<|im_end|>" in prompt_sent
+        assert prompt_sent.endswith("<|im_start|>user\nand the second one<|im_end|>\n<|im_start|>assistant\n")
+        assert "<|im_end|>" in sent[-1].stop
+        assert prompt_sent.startswith(second.text) and "<|im_end|>" not in second.text
     messages = [m["message"] for m in prompt["messages"]]
     assert messages == ["the first question", first.text, "and the second one", second.text]
 

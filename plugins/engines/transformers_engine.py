@@ -172,7 +172,6 @@ class TransformersEngine:
         self.config = config
         self.model: Any = config.model
         self.tokenizer: Any = config.tokenizer
-        self._prompt_encoder: HFPromptEncoder | None = None
         self.max_batch_size = config.max_batch_size
         self.device: Any = None
         self.context_len = config.context_len
@@ -282,10 +281,7 @@ class TransformersEngine:
             raise RuntimeError("the engine has no tokenizer yet: await engine.start() first")
         if add_special_tokens is None:
             add_special_tokens = self.config.add_special_tokens
-        if self._prompt_encoder is None or self._prompt_encoder.tokenizer is not self.tokenizer:
-            self._prompt_encoder = HFPromptEncoder(self.tokenizer)
-        segments = [Segment.template(prompt)] if isinstance(prompt, str) else prompt
-        return self._prompt_encoder.encode(segments, add_special_tokens)
+        return HFPromptEncoder.of(self.tokenizer).encode(prompt, add_special_tokens)
 
     def _prompt_ids(self, request: GenerationRequest) -> list[int]:
         if request.prompt_ids is not None:
@@ -396,8 +392,9 @@ class TransformersEngine:
             request_id=request.request_id,
         )
         # One decode per finished request, here: the tokenizer is not shared with another thread.
+        # Special tokens left out, as they are from the streamed text.
         record.decoded = self.tokenizer.decode(
-            token_ids[:output_tokens], skip_special_tokens=False, clean_up_tokenization_spaces=False
+            token_ids[:output_tokens], skip_special_tokens=True, clean_up_tokenization_spaces=False
         )
         top_ids = [step[1] for step in taken] if record.top_logits else None
         top_values = [step[2] for step in taken] if record.top_logits else None

@@ -240,7 +240,6 @@ class VLLMEngine:
         self.engine_args = self._engine_args()
         self.engine: Any = None
         self.tokenizer: Any = None
-        self._prompt_encoder: HFPromptEncoder | None = None
         from vllm.inputs import TokensPrompt
 
         self._tokens_prompt = TokensPrompt
@@ -304,10 +303,7 @@ class VLLMEngine:
             raise RuntimeError("the engine has no tokenizer yet: await engine.start() first")
         if add_special_tokens is None:
             add_special_tokens = self.config.add_special_tokens
-        if self._prompt_encoder is None or self._prompt_encoder.tokenizer is not self.tokenizer:
-            self._prompt_encoder = HFPromptEncoder(self.tokenizer)
-        segments = [Segment.template(prompt)] if isinstance(prompt, str) else prompt
-        return self._prompt_encoder.encode(segments, add_special_tokens)
+        return HFPromptEncoder.of(self.tokenizer).encode(prompt, add_special_tokens)
 
     def count_tokens(self, text: str) -> int | None:
         """How many tokens ``text`` encodes to as a prompt (None before the engine started)."""

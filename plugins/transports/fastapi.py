@@ -11,11 +11,11 @@ import json
 import os
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Optional, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from starlette.requests import ClientDisconnect
 
 from chatstream.access import AccessDenied, AccessPolicy, presented_key
@@ -203,26 +203,15 @@ async def get_resource_usage(cs: ChatStream, request: Request) -> Response:
     return JSONResponse(usage)
 
 
-class _ParamsBody(BaseModel):
-    """The body of ``POST /set_generation_params``: any subset of the generation parameters."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_new_tokens: int | None = None
-    temperature: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    repetition_penalty_method: Literal["multiplicative", "subtractive"] | None = None
-    frequency_penalty: float | None = None
-    frequency_penalty_method: Literal["multiplicative", "subtractive"] | None = None
-    presence_penalty: float | None = None
-    presence_penalty_method: Literal["multiplicative", "subtractive"] | None = None
-    seed: int | None = None
-
-
-assert set(_ParamsBody.model_fields) == set(GenerationParams.model_fields)  # keep the two in step
+# The body of ``POST /set_generation_params``: any subset of the generation parameters, each
+# checked with the rest by ``GenerationParams`` itself (one list of fields, in core).
+_OPTIONAL_FIELDS: dict[str, Any] = {
+    name: (Optional[info.annotation], None)  # noqa: UP045 (the annotation is a runtime object)
+    for name, info in GenerationParams.model_fields.items()
+}
+_ParamsBody: type[BaseModel] = create_model(
+    "SetGenerationParamsBody", __config__=ConfigDict(extra="forbid"), **_OPTIONAL_FIELDS
+)
 
 
 def json_body(model: type[BaseModel], required: bool = True) -> dict[str, Any]:

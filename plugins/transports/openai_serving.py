@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncGenerator
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
@@ -33,6 +33,7 @@ from chatstream.streaming import ChatStreamingResponse
 from chatstream.turn import EngineFailed, ServerShutdown, Turn
 from chatstream.types import GenerationParams, GenerationRequest
 
+B = TypeVar("B", ChatCompletionRequest, CompletionRequest)
 TRANSPORT = "openai"
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 
@@ -233,14 +234,7 @@ def _event(data: dict[str, Any]) -> bytes:
 
 async def chat_completions(cs: ChatStream, request: Request, options: dict[str, Any]) -> Response:
     """``POST /v1/chat/completions``: the answer to a conversation, streamed (SSE) or whole."""
-    if not cs.ready:
-        await cs.start()
-    body = await parse_request(
-        request,
-        options.get("max_body_bytes", DEFAULT_MAX_BODY_BYTES),
-        max_input_chars=cs.settings.max_input_chars,
-    )
-    params = generation_params(cs, body)
+    body, params = await _parse(cs, request, options, ChatCompletionRequest)
     session = ChatSession(None, build_prompt(cs, body.messages))
     turn = cs.turn(session, params, transport=TRANSPORT, request=request, extra_stop=list(body.stop))
     return await _answer(cs, turn, options, body)
@@ -248,15 +242,7 @@ async def chat_completions(cs: ChatStream, request: Request, options: dict[str, 
 
 async def text_completions(cs: ChatStream, request: Request, options: dict[str, Any]) -> Response:
     """``POST /v1/completions``: the continuation of a raw prompt, streamed (SSE) or whole."""
-    if not cs.ready:
-        await cs.start()
-    body = await parse_request(
-        request,
-        options.get("max_body_bytes", DEFAULT_MAX_BODY_BYTES),
-        CompletionRequest,
-        max_input_chars=cs.settings.max_input_chars,
-    )
-    params = generation_params(cs, body)
+    body, params = await _parse(cs, request, options, CompletionRequest)
     # The session only collects the answer; the prompt is sent as the caller wrote it (its
     # control tokens are the caller's to write: this is the raw-prompt API).
     session = ChatSession(None, cs.new_prompt())
@@ -267,6 +253,17 @@ async def text_completions(cs: ChatStream, request: Request, options: dict[str, 
         prompt=body.prompt, params=params, stop=list(body.stop), request_id=turn.request_id
     )
     return await _answer(cs, turn, options, body, gen_request)
+
+
+async def _parse(
+    cs: ChatStream, request: Request, options: dict[str, Any], model: type[B]
+) -> tuple[B, GenerationParams]:
+    """The body as ``model`` and its generation parameters (``OpenAIError`` naming what is wrong)."""
+    if not cs.ready:
+        await cs.start()
+    max_body = options.get("max_body_bytes", DEFAULT_MAX_BODY_BYTES)
+    body = await parse_request(request, max_body, model, max_input_chars=cs.settings.max_input_chars)
+    return body, generation_params(cs, body)
 
 
 async def _answer(
