@@ -88,7 +88,7 @@ async def test_answers_stream_through_and_the_front_keeps_the_conversation(mode:
         sent.append(request)
         return real_generate(request)
 
-    upstream_cs.engine.generate = spy  # type: ignore[method-assign]
+    upstream_cs.engine.generate = spy
     with run_live_server(upstream_app) as upstream_url:
         _, front_app = front_server(upstream_url, mode)
         with run_live_server(front_app) as front_url:
