@@ -23,7 +23,7 @@ from starlette.responses import Response
 from .admission import Admission, Load
 from .errors import ChatStreamError, ClientDisconnected, StreamAborted, check_unicode
 from .pipeline import clamp_params
-from .plugin_manager import LoadedPlugins, get_loaded_plugins
+from .plugin_manager import LoadedPlugins, get_loaded_plugins, plugin_name_of
 from .prompt import AbstractChatPrompt
 from .prompt_fit import fit_prompt
 from .registry import Contribution, collect, lookup
@@ -197,6 +197,7 @@ class ChatStream:
         self.default_params = self._default_params()
         self._active_sessions: set[str] = set()
         self._session_locks: dict[str, asyncio.Lock] = {}
+        self._hook_failures: set[tuple[str, str]] = set()  # (hook, plugin) already logged in full
         self.stopping = asyncio.Event()  # set when the drain ran out: answers still streaming end
         self._started = False
         self._start_lock = asyncio.Lock()
@@ -360,10 +361,24 @@ class ChatStream:
         return session_id is not None and session_id in self._active_sessions
 
     async def call_hook(self, name: str, **kwargs: Any) -> None:
-        """Call every implementation of a lifecycle or event hook, awaiting those that are async."""
-        for result in getattr(self.pm.hook, name)(**kwargs):
-            if inspect.isawaitable(result):
-                await result
+        """Call every implementation of a lifecycle or event hook, one at a time, awaiting those
+        that are async. One that raises is logged with its plugin's name (with the traceback the
+        first time) and the others still run: a plugin's bug never changes what a client gets."""
+        impls = list(reversed(getattr(self.pm.hook, name).get_hookimpls()))  # pluggy's call order
+        for impl in impls:
+            plugin = plugin_name_of(self.pm, impl.plugin)
+            # Through pluggy (traced with CHATSTREAM_TRACE_HOOKS), one implementation at a time.
+            alone = self.pm.subset_hook_caller(
+                name, remove_plugins=[i.plugin for i in impls if i is not impl]
+            )
+            try:
+                for result in alone(**kwargs):
+                    if inspect.isawaitable(result):
+                        await result
+            except Exception:
+                first = (name, plugin) not in self._hook_failures
+                self._hook_failures.add((name, plugin))
+                self.logger.error("plugin %r failed in its %s hook", plugin, name, exc_info=first)
 
     # -- prompts --------------------------------------------------------------------------------------
     def new_prompt(self) -> AbstractChatPrompt:

@@ -461,3 +461,39 @@ def test_a_client_leaving_mid_upload_is_one_log_line(caplog: pytest.LogCaptureFi
             assert time.monotonic() < deadline, caplog.text
             time.sleep(0.05)
     assert "Traceback" not in caplog.text and "ClientDisconnect" not in caplog.text
+
+
+# -- a plugin's bug stays its own -------------------------------------------------------------------
+class Broken:
+    """A third-party plugin whose event hooks raise."""
+
+    @hookimpl
+    def on_request_finished(self, request_id: str, reason: str, info: dict[str, Any]) -> None:
+        raise RuntimeError("broken plugin")
+
+    @hookimpl
+    def on_feedback(self, feedback: dict[str, Any]) -> None:
+        raise RuntimeError("broken plugin")
+
+
+def test_a_raising_event_hook_changes_no_response_and_stops_no_metric(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    finished = Finished()
+    cs = ChatStream(
+        settings=load_settings(transports=["fastapi", "ops"], session_secret=SECRET, roles=ALL),
+        plugins=isolated_plugins(Broken(), finished),
+        use_mock_response=True,
+        mock_params={"type": "echo"},
+    )
+    with run_live_server(create_app(chatstream=cs)) as url, httpx.Client(base_url=url) as client:
+        for text in ("one", "two"):
+            assert client.post("/chat_stream", json={"user_input": text}).status_code == 200
+        message_id = client.get("/get_prompt").json()["messages"][1]["id"]
+        feedback = client.post("/set_feedback", json={"message_id": message_id, "type": "like"})
+        metrics = client.get("/metrics").text
+    assert feedback.status_code == 200 and feedback.json() == {"success": True}
+    assert finished.reasons == ["success", "success"]  # the other plugins still ran
+    assert 'chatstream_requests_total{reason="success",transport="chat_stream"} 2.0' in metrics
+    assert caplog.text.count("failed in its on_request_finished hook") == 2
+    assert caplog.text.count("Traceback") == 2  # in full once per hook and plugin
