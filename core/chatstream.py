@@ -177,7 +177,7 @@ class ChatStream:
             self.settings = settings.model_copy(update=overrides) if overrides else settings
             self.settings = Settings.model_validate(self.settings.model_dump())
         self.logger = logger or logging.getLogger("chatstream")
-        self.plugins = plugins or get_loaded_plugins()
+        self.plugins = plugins or get_loaded_plugins(self.settings)
         self.instance_name = os.environ.get("CHATSTREAM_INSTANCE_NAME") or socket.gethostname()
         self.admission = Admission(self.settings.num_of_concurrent_executions, self.settings.max_queue_size)
         self._model_obj = None if isinstance(model, (str, os.PathLike)) else model
@@ -185,6 +185,7 @@ class ChatStream:
         self._explicit_prompt_class = chat_prompt_clazz
         self.prompt_class: type[AbstractChatPrompt] | None = None
         self.prompt_format_reason = ""
+        self.default_params = self._default_params()
         self.engine = engine if engine is not None else self._create_engine()
         # `is not None`: a store with ``__len__`` is falsy while empty, and must still be used.
         self.session_store: SessionStore = (
@@ -194,7 +195,6 @@ class ChatStream:
             request_handler if request_handler is not None else self._create_request_handler()
         )
         self.request_handler.bind(self)
-        self.default_params = self._default_params()
         self._active_sessions: set[str] = set()
         self._session_locks: dict[str, asyncio.Lock] = {}
         self._hook_failures: set[tuple[str, str]] = set()  # (hook, plugin) already logged in full
@@ -239,6 +239,7 @@ class ChatStream:
             build_pipeline=self._pipeline_builder() if name != "mock" else None,
             options=self.settings.plugin_options(name),
             mock_params=dict(self.settings.mock_params) if name == "mock" else {},
+            default_params=self.default_params,
         )
         return factory(config)
 

@@ -167,19 +167,36 @@ def _version(dist: str) -> str | None:
 
 _lock = threading.Lock()
 _loaded: LoadedPlugins | None = None
+# The plugin settings ``_loaded`` was made with; None: set by the test kit, kept as it is.
+_loaded_for: tuple[Any, ...] | None = None
 
 
-def get_loaded_plugins() -> LoadedPlugins:
-    """Load plugins once per process, using the settings of the environment."""
-    global _loaded
+def _plugin_settings(settings: Any) -> tuple[Any, ...]:
+    wanted = settings.plugins
+    return (None if wanted is None else tuple(wanted), tuple(settings.block_plugins), settings.strict_plugins)
+
+
+def get_loaded_plugins(settings: Any = None) -> LoadedPlugins:
+    """The process-wide plugins, loaded once for the given settings (default: the environment's).
+
+    Settings come first: when ``plugins``, ``block_plugins`` or ``strict_plugins`` differ from
+    those the plugins were loaded with (a ``--config`` file read after the CLI started), they are
+    loaded again for these settings, so whichever source set them is honoured.
+    """
+    global _loaded, _loaded_for
     with _lock:
-        if _loaded is None:
+        if settings is None:
+            if _loaded is not None:
+                return _loaded
             from .settings import Settings
 
             settings = Settings()
+        wanted = _plugin_settings(settings)
+        if _loaded is None or (_loaded_for is not None and _loaded_for != wanted):
             _loaded = load_plugins(
                 load=settings.plugins, block=settings.block_plugins, strict=settings.strict_plugins
             )
+            _loaded_for = wanted
         return _loaded
 
 
@@ -190,9 +207,10 @@ def get_plugin_manager() -> pluggy.PluginManager:
 
 def set_plugin_manager(loaded: LoadedPlugins | None) -> None:
     """Replace (or with None, reset) the process-wide plugins; used by the test kit."""
-    global _loaded
+    global _loaded, _loaded_for
     with _lock:
         _loaded = loaded
+        _loaded_for = None
 
 
 def describe_plugins(loaded: LoadedPlugins) -> list[PluginInfo]:

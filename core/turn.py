@@ -134,15 +134,15 @@ class Turn:
                     "session_busy",
                     "this session is already generating an answer; wait for it or stop it",
                 )
+            if self.stores:  # taken before the first await: a second request meanwhile gets the 409
+                cs._active_sessions.add(self.session.id or "")
+                self._holds_session = True
             self.gen_request = gen_request or await cs.prepare_generation(
                 self.session, self.params, self.request_id
             )
             if self.extra_stop:
                 stop = list(self.gen_request.stop)
                 self.gen_request.stop = [*stop, *(s for s in self.extra_stop if s not in stop)]
-            if self.stores:
-                cs._active_sessions.add(self.session.id or "")
-                self._holds_session = True
             try:
                 await self._until(cs.admission.acquire())
             except TooManyRequests as exc:

@@ -223,6 +223,8 @@ class EngineConfig:
     build_pipeline: PipelineBuilder | None = None
     options: dict[str, Any] = field(default_factory=dict)  # the engine plugin's own settings
     mock_params: dict[str, Any] = field(default_factory=dict)
+    # The server's default generation parameters: an engine that cannot run them refuses to start.
+    default_params: GenerationParams | None = None
 
 
 @runtime_checkable

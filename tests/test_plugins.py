@@ -200,3 +200,24 @@ def test_pip_installed_plugin_distribution_is_discovered(tmp_path: Path) -> None
     rows = {row["name"]: row for row in json.loads(result.stdout)}
     assert rows["hello"]["distribution"] == "chatstream-hello"
     assert rows["hello"]["hooks"] == ["register_prompt_formats"]
+
+
+def test_block_plugins_in_a_config_file_blocks(tmp_path: Path) -> None:
+    """Plugins load after settings: a ``--config`` TOML's ``block_plugins`` is honoured even when
+    the process loaded its plugins from the environment first (as the CLI does at start-up)."""
+    from chatstream import ChatStream
+    from chatstream.plugin_manager import get_loaded_plugins, set_plugin_manager
+    from chatstream.registry import UnknownNameError
+    from chatstream.settings import load_settings
+
+    config = tmp_path / "chatstream.toml"
+    config.write_text('block_plugins = ["mock"]\n')
+    set_plugin_manager(None)
+    try:
+        assert get_loaded_plugins().pm.has_plugin("chatstream.plugins.engines.mock")  # environment first
+        settings = load_settings(config)
+        with pytest.raises(UnknownNameError, match="unknown engine 'mock'"):
+            ChatStream(settings=settings, use_mock_response=True)
+        assert not get_loaded_plugins().pm.has_plugin("chatstream.plugins.engines.mock")
+    finally:
+        set_plugin_manager(None)

@@ -497,3 +497,15 @@ def test_a_raising_event_hook_changes_no_response_and_stops_no_metric(
     assert 'chatstream_requests_total{reason="success",transport="chat_stream"} 2.0' in metrics
     assert caplog.text.count("failed in its on_request_finished hook") == 2
     assert caplog.text.count("Traceback") == 2  # in full once per hook and plugin
+
+
+async def test_two_questions_at_once_in_one_session_get_one_answer_and_one_409() -> None:
+    app, _ = mock_app(mock_params={"type": "long", "time_per_token_sec": 0.01}, max_new_tokens=5)
+    with run_live_server(app) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            assert (await ask(client, "first"))[0] == 200  # the session exists
+            results = await asyncio.gather(*(ask(client, f"at once {i}") for i in range(4)))
+            history = [m["message"] for m in (await client.get("/get_prompt")).json()["messages"]]
+    assert sorted(status for status, _ in results) == [200, 409, 409, 409]
+    answered = next(i for i, (status, _) in enumerate(results) if status == 200)
+    assert history[2:] == [f"at once {answered}", results[answered][1]]  # one turn, complete

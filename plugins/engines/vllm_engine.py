@@ -281,6 +281,11 @@ class VLLMEngine:
         """Build vLLM's engine (this loads the model; vLLM builds it on the running event loop)."""
         if self.engine is not None:
             return
+        if self.config.default_params is not None:  # refused before the model loads
+            try:
+                check_params(self.config.default_params)
+            except UnsupportedSamplingError as exc:
+                raise SettingsError(f"the default generation settings cannot run on vLLM: {exc}") from None
         engine = self._vllm.AsyncLLMEngine.from_engine_args(self.engine_args)
         try:
             self.tokenizer = await _maybe_await(engine.get_tokenizer())
@@ -399,16 +404,6 @@ def _shutdown(engine: Any) -> Any:
 def create_engine(config: EngineConfig) -> VLLMEngine:
     """The engine factory registered as ``vllm``; imports vLLM."""
     return VLLMEngine(config)
-
-
-@hookimpl
-def startup(chatstream: Any) -> None:
-    """Refuse to serve when the server's default parameters ask for what vLLM cannot do."""
-    if isinstance(getattr(chatstream, "engine", None), VLLMEngine):
-        try:
-            check_params(chatstream.default_params)
-        except UnsupportedSamplingError as exc:
-            raise SettingsError(f"the default generation settings cannot run on vLLM: {exc}") from None
 
 
 @hookimpl
