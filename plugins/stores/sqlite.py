@@ -91,6 +91,19 @@ class SQLiteSessionStore:
         # a transaction is never cut in half.
         return await asyncio.wrap_future(self._submit(fn))
 
+    def _enable_wal(self, conn: sqlite3.Connection) -> str:
+        """Switch to WAL and return the journal mode. Two processes opening a new file at once can
+        see "database is locked" here at once, without the busy handler waiting (the switch needs
+        the file to itself): retry until ``timeout_s``, as every other statement waits."""
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                return str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.01)
+
     def _connect(self) -> sqlite3.Connection:
         if self._conn is not None and self._conn_pid == os.getpid():
             return self._conn
@@ -113,7 +126,7 @@ class SQLiteSessionStore:
             ) from None
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(self.timeout_s * 1000)}")
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            mode = self._enable_wal(conn)
             if str(mode).lower() != "wal":
                 raise ValueError(
                     f"sqlite store path={str(self.path)!r}: the file system does not support WAL mode "
