@@ -192,11 +192,7 @@ class Turn:
     async def _end_before_streaming(self, exc: BaseException) -> None:
         if isinstance(exc, ChatStreamError):
             if self.reason != FinishedReason.TOO_MANY_REQUESTS:
-                self.reason = (
-                    FinishedReason.UNKNOWN_ERROR_OCCURRED
-                    if exc.status >= 500
-                    else FinishedReason.INVALID_REQUEST
-                )
+                self.reason = refusal_reason(exc)
             self.error = exc.message
         elif isinstance(exc, ClientDisconnected | asyncio.CancelledError):
             self.reason = self._cut_reason()
@@ -374,14 +370,6 @@ class Turn:
 
     async def _report(self) -> None:
         stats = self.stats
-        info = {
-            "duration_s": time.monotonic() - self.started_at,
-            "error": self.error,
-            "tokens": stats.tokens,
-            "ttft_s": None if stats.first_token_at is None else stats.first_token_at - self.started_at,
-            "finish_reason": stats.finish_reason,
-            "transport": self.transport,
-        }
         cs = self.cs
         if self.callback is not None and self.reason != FinishedReason.INVALID_REQUEST:
             try:
@@ -390,13 +378,22 @@ class Turn:
                     await result
             except Exception:
                 cs.logger.exception("request %s: the request-finished callback failed", self.request_id)
-        await cs.call_hook(
-            "on_request_finished",
-            chatstream=cs,
-            request_id=self.request_id,
-            reason=self.reason.value,
-            info=info,
+        await announce_finished(
+            cs,
+            self.request_id,
+            self.reason,
+            transport=self.transport,
+            duration_s=time.monotonic() - self.started_at,
+            error=self.error,
+            tokens=stats.tokens,
+            ttft_s=None if stats.first_token_at is None else stats.first_token_at - self.started_at,
+            finish_reason=stats.finish_reason,
         )
+
+
+def refusal_reason(error: ChatStreamError) -> FinishedReason:
+    """How a refused request is reported: a server-side failure (5xx) or the client's (4xx)."""
+    return FinishedReason.UNKNOWN_ERROR_OCCURRED if error.status >= 500 else FinishedReason.INVALID_REQUEST
 
 
 async def report_refused(
@@ -404,21 +401,34 @@ async def report_refused(
 ) -> None:
     """Report a request refused before its turn began (a body that does not parse, a bad
     parameter), so refusals count like every other outcome."""
-    reason = FinishedReason.UNKNOWN_ERROR_OCCURRED if error.status >= 500 else FinishedReason.INVALID_REQUEST
+    await announce_finished(
+        cs, request_id or uuid.uuid4().hex, refusal_reason(error), transport=transport, error=error.message
+    )
+
+
+async def announce_finished(
+    cs: ChatStream,
+    request_id: str,
+    reason: FinishedReason,
+    *,
+    transport: str,
+    duration_s: float = 0.0,
+    error: str | None = None,
+    tokens: int = 0,
+    ttft_s: float | None = None,
+    finish_reason: str | None = None,
+) -> None:
+    """The ``on_request_finished`` hook with every documented ``info`` key, in one place."""
     info = {
-        "duration_s": 0.0,
-        "error": error.message,
-        "tokens": 0,
-        "ttft_s": None,
-        "finish_reason": None,
+        "duration_s": duration_s,
+        "error": error,
+        "tokens": tokens,
+        "ttft_s": ttft_s,
+        "finish_reason": finish_reason,
         "transport": transport,
     }
     await cs.call_hook(
-        "on_request_finished",
-        chatstream=cs,
-        request_id=request_id or uuid.uuid4().hex,
-        reason=reason.value,
-        info=info,
+        "on_request_finished", chatstream=cs, request_id=request_id, reason=reason.value, info=info
     )
 
 
