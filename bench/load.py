@@ -32,8 +32,6 @@ import dataclasses
 import json
 import os
 import random
-import socket
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -42,6 +40,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+
+from chatstream.testing import free_port, run_server_process
 
 KINDS = ("reader", "multi", "dropper", "slow", "openai")
 WORDS = [
@@ -213,38 +213,12 @@ def serve(config: LoadConfig, port: int) -> None:
 @contextlib.contextmanager
 def child_server(config: LoadConfig, timeout_s: float = 120.0) -> Iterator[str]:
     """The server in a child process; yields its base URL once ``/ready`` says so."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    args = [
-        sys.executable,
-        os.path.abspath(__file__),
-        "--serve",
-        str(port),
-        "--config",
-        json.dumps(dataclasses.asdict(config)),
-    ]
-    proc = subprocess.Popen(args)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the load-test server exited with {proc.returncode}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError("the load-test server did not become ready")
-            time.sleep(0.1)
+    port = free_port()
+    args = [sys.executable, os.path.abspath(__file__), "--serve", str(port), "--config"]
+    with run_server_process(
+        [*args, json.dumps(dataclasses.asdict(config))], port, timeout_s=timeout_s
+    ) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 # -- the clients ---------------------------------------------------------------------------------------

@@ -321,18 +321,19 @@ async def main_openvino(args: argparse.Namespace) -> None:
     import openvino_genai
 
     from chatstream.plugins.engines import openvino_engine
+    from chatstream.plugins.engines.openvino_engine import generation
 
     levels = [int(c) for c in args.concurrency.split(",")]
     prompts_for = {c: [chatml(QUESTIONS[i % len(QUESTIONS)]) for i in range(c)] for c in levels}
     options = {"inference_precision": args.inference_precision, "device": args.device or "CPU"}
-    build_config = openvino_engine.generation_config
+    build_config = generation.generation_config
 
     def fixed_length(*a: Any) -> Any:
         config = build_config(*a)
         config.ignore_eos = True  # every request makes exactly --new-tokens tokens
         return config
 
-    openvino_engine.generation_config = fixed_length
+    generation.generation_config = fixed_length
     engine = openvino_engine.OpenVINOEngine(
         EngineConfig(model_path=args.model, max_batch_size=max(levels), context_len=4096, options=options)
     )

@@ -12,6 +12,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .chatstream import ChatStream
+from .logs import RequestIdMiddleware
 from .registry import lookup
 from .settings import Settings
 
@@ -19,11 +20,13 @@ from .settings import Settings
 def install_transports(
     app: FastAPI, cs: ChatStream, names: list[str], options: dict[str, Any] | None = None
 ) -> None:
-    """Mount each named transport (``settings.transports``) on ``app``."""
+    """Mount each named transport (``settings.transports``) on ``app``, with its options
+    (``plugin_config.<name>``, validated when it declares an options model; ``options`` overrides)."""
     transports = cs.contributions("transports")
     for name in names:
-        install = lookup(transports, "transport", name, "transports").obj
-        install(app, cs, options if options is not None else cs.settings.plugin_options(name) or None)
+        transport = lookup(transports, "transport", name, "transports")
+        raw = options if options is not None else cs.settings.plugin_config.get(name)
+        transport.obj(app, cs, transport.parse_options(raw))
 
 
 class LifecycleGate:
@@ -108,7 +111,9 @@ def create_app(
     app.state.chatstream = cs
     app.state.open_paths = set()  # transports add the paths that must answer while loading or draining
     app.state.chatstream_start = None
-    # Added before the transports' middleware, so theirs (request ids) wrap the gate's answers too.
+    # Added before the transports' middleware, so theirs wrap the gate's answers too.
     app.add_middleware(LifecycleGate, cs=cs, state=app.state)
     install_transports(app, cs, cs.settings.transports)
+    # Outermost: every response, the gate's and the transports' included, carries X-Request-Id.
+    app.add_middleware(RequestIdMiddleware)
     return app

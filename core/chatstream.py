@@ -21,12 +21,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from .admission import Admission, Load
+from .engine_choice import choose_engine
 from .errors import ChatStreamError, ClientDisconnected, StreamAborted, check_unicode
 from .pipeline import clamp_params
-from .plugin_manager import LoadedPlugins, get_loaded_plugins, plugin_name_of
+from .plugin_manager import LoadedPlugins, each_implementation, get_loaded_plugins
 from .prompt import AbstractChatPrompt
 from .prompt_fit import fit_prompt
-from .registry import Contribution, collect, lookup
+from .registry import Contribution, lookup, registry
 from .sessions import AbstractRequestHandler, ChatSession, SessionConflict, SessionStore
 from .settings import Settings, SettingsError, load_settings
 from .turn import Turn
@@ -75,11 +76,14 @@ _PARAM_SETTINGS = (
 
 @dataclass
 class GenerationStats:
-    """What a finished request reports: tokens generated, when the first came, how it ended."""
+    """What a finished request reports: tokens generated, when the first came, how it ended, and
+    (where the engine says) the prompt's length and how much of it came from the prefix cache."""
 
     tokens: int = 0
     first_token_at: float | None = None
     finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    cached_tokens: int | None = None
 
     def update(self, delta: TextDelta) -> None:
         if delta.tokens and self.first_token_at is None:
@@ -87,6 +91,10 @@ class GenerationStats:
         self.tokens = max(self.tokens, delta.tokens)
         if delta.finish_reason is not None:
             self.finish_reason = delta.finish_reason.value
+        if delta.prompt_tokens is not None:
+            self.prompt_tokens = delta.prompt_tokens
+        if delta.cached_tokens is not None:
+            self.cached_tokens = delta.cached_tokens
 
 
 class ChatStreamRequestBody(BaseModel):
@@ -114,11 +122,6 @@ def _remember_explicit(init: F) -> F:
         return init(self, *args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
-
-
-def _check_engine(name: str, obj: Any) -> None:
-    if not callable(obj):
-        raise SettingsError(f"engine {name!r}: the registered factory is not callable")
 
 
 class ChatStream:
@@ -219,15 +222,15 @@ class ChatStream:
 
     def contributions(self, kind: str) -> dict[str, Contribution[Any]]:
         """Named contributions of one kind from the loaded plugins (e.g. ``"engines"``)."""
-        return collect(self.pm, kind)
-
-    def _engine_name(self) -> str:
-        return "mock" if self.settings.use_mock_response else self.settings.engine
+        return registry(self.pm, kind)
 
     def _create_engine(self) -> Engine:
-        name = self._engine_name()
-        engines = collect(self.pm, "engines", check=_check_engine)
-        factory = lookup(engines, "engine", name, "engine").obj
+        name, reason = choose_engine(
+            self.settings, self.contributions("engines"), model_object=self._model_obj is not None
+        )
+        if name != "mock":
+            self.logger.info("engine %r: %s (set engine / --engine to choose another)", name, reason)
+        engine = lookup(self.contributions("engines"), "engine", name, "engine")
         config = EngineConfig(
             model=self._model_obj,
             tokenizer=self._tokenizer_obj,
@@ -237,11 +240,12 @@ class ChatStream:
             context_len=self.settings.context_len,
             add_special_tokens=self.settings.add_special_tokens,
             build_pipeline=self._pipeline_builder() if name != "mock" else None,
-            options=self.settings.plugin_options(name),
+            options=engine.parse_options(self.settings.plugin_config.get(name)),
             mock_params=dict(self.settings.mock_params) if name == "mock" else {},
             default_params=self.default_params,
+            engines=self.contributions("engines"),
         )
-        return factory(config)
+        return engine.obj(config)
 
     def _pipeline_builder(self) -> Any:
         from . import pipeline  # imports torch: only for model engines
@@ -249,19 +253,20 @@ class ChatStream:
         return pipeline.make_pipeline_builder(self.settings.sampling, pipeline.processor_registry(self.pm))
 
     def _create_session_store(self) -> SessionStore:
-        stores = self.contributions("session_stores")
-        factory = lookup(stores, "session store", self.settings.session_store, "session_store").obj
-        store: SessionStore = factory(self.settings.plugin_options(self.settings.session_store))
+        name = self.settings.session_store
+        contribution = lookup(self.contributions("session_stores"), "session store", name, "session_store")
+        store: SessionStore = contribution.obj(
+            contribution.parse_options(self.settings.plugin_config.get(name))
+        )
         return store
 
     def _create_request_handler(self) -> AbstractRequestHandler:
-        handlers = self.contributions("request_handlers")
-        handler_cls = lookup(
-            handlers, "request handler", self.settings.request_handler, "request_handler"
-        ).obj
-        handler: AbstractRequestHandler = handler_cls(
-            **self.settings.plugin_options(self.settings.request_handler)
+        name = self.settings.request_handler
+        contribution = lookup(
+            self.contributions("request_handlers"), "request handler", name, "request_handler"
         )
+        options = contribution.parse_options(self.settings.plugin_config.get(name))
+        handler: AbstractRequestHandler = contribution.obj(**dict(options))  # validated keys as arguments
         return handler
 
     def _default_params(self) -> GenerationParams:
@@ -303,7 +308,10 @@ class ChatStream:
         async with self._start_lock:
             if self._started:
                 return
+            started = time.monotonic()
+            self.logger.info("loading the model with the %r engine...", self.engine.name)
             await self.engine.start()
+            self.logger.info("model loaded in %.1f s: serving", time.monotonic() - started)
             if self.prompt_class is None:
                 self._select_prompt_class()
             self._started = True
@@ -365,13 +373,7 @@ class ChatStream:
         """Call every implementation of a lifecycle or event hook, one at a time, awaiting those
         that are async. One that raises is logged with its plugin's name (with the traceback the
         first time) and the others still run: a plugin's bug never changes what a client gets."""
-        impls = list(reversed(getattr(self.pm.hook, name).get_hookimpls()))  # pluggy's call order
-        for impl in impls:
-            plugin = plugin_name_of(self.pm, impl.plugin)
-            # Through pluggy (traced with CHATSTREAM_TRACE_HOOKS), one implementation at a time.
-            alone = self.pm.subset_hook_caller(
-                name, remove_plugins=[i.plugin for i in impls if i is not impl]
-            )
+        for _impl, plugin, alone in each_implementation(self.pm, name):
             try:
                 for result in alone(**kwargs):
                     if inspect.isawaitable(result):
@@ -485,6 +487,7 @@ class ChatStream:
             segments=fitted.segments,
             prompt_ids=fitted.ids,
             prompt_tokens=fitted.tokens,
+            cache_scope=session.id,
         )
 
     def turn(
@@ -528,9 +531,9 @@ class ChatStream:
         """Answer ``POST /chat_stream``: a streaming response of the cumulative answer text.
 
         ``callback(request, message)`` (plain or async) is told how the request ended. The HTTP
-        side (body, ``?format=``, the streaming response) lives in the ``fastapi`` transport.
+        side (body, ``?format=``, the streaming response) lives in ``chat_stream_http``.
         """
-        from .plugins.transports.fastapi import answer_chat_stream
+        from .chat_stream_http import answer_chat_stream
 
         return await answer_chat_stream(self, request, request_body, callback)
 

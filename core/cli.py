@@ -31,7 +31,11 @@ _model_options = [
     click.option(
         "--model", help="Local Hugging Face model directory or GGUF file (default: embedded SmolLM2)."
     ),
-    click.option("--engine", help="Engine plugin name (default: transformers)."),
+    click.option(
+        "--engine",
+        help="Engine plugin name (default: openvino for the embedded model on a CPU when installed, "
+        "else transformers).",
+    ),
     click.option("--device", help="cpu, cuda, mps, ..."),
     click.option("--prompt-format", "prompt_format", help="Prompt format name (default: chosen by model)."),
     click.option(
@@ -55,7 +59,7 @@ def with_embedded_model_defaults(settings: Settings) -> Settings:
     if (
         settings.model is not None
         or settings.use_mock_response
-        or settings.engine not in ("transformers", "openvino")
+        or settings.engine not in (None, "transformers", "openvino")
     ):
         return settings
     update = {k: v for k, v in EMBEDDED_MODEL_SAMPLING.items() if k not in settings.model_fields_set}
@@ -79,9 +83,8 @@ def serve(config: str | None, **cli_options: Any) -> None:
     if "too_many_request_as_http_error" not in settings.model_fields_set:
         settings = settings.model_copy(update={"too_many_request_as_http_error": True})
     settings = with_embedded_model_defaults(settings)
-    from chatstream.plugins.transports.ops import configure_logging
-
     from .app import create_app
+    from .logs import configure_logging
 
     configure_logging(settings.log_level, settings.log_format)
     try:
@@ -175,12 +178,22 @@ def chat(config: str | None, **cli_options: Any) -> None:
 
 
 @cli.command()
+@click.option("--config", "config", type=click.Path(dir_okay=False), help="TOML settings file.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def plugins(as_json: bool) -> None:
-    """List plugins: name, distribution, version and the hooks each implements."""
+@click.option("--options", "show_options", is_flag=True, help="Show each contribution and its options.")
+def plugins(config: str | None, as_json: bool, show_options: bool) -> None:
+    """List plugins: name, distribution, version and the hooks each implements.
+
+    With --options: every contribution (engines, stores, transports, ...), the plugin that gave it,
+    where its options live in the settings, and each option's type, default and description.
+    """
     from .plugin_manager import describe_plugins, get_loaded_plugins
 
-    infos = describe_plugins(get_loaded_plugins())
+    loaded = get_loaded_plugins(_settings_from_cli(config) if config else None)
+    if show_options:
+        _show_contributions(loaded.pm, as_json)
+        return
+    infos = describe_plugins(loaded)
     if as_json:
         click.echo(json.dumps([info.__dict__ for info in infos], indent=2))
         return
@@ -190,6 +203,44 @@ def plugins(as_json: bool) -> None:
             click.echo(f"{info.name}  [{source}]  BROKEN: {info.error}")
         else:
             click.echo(f"{info.name}  [{source}]  hooks: {', '.join(info.hooks)}")
+
+
+def _show_contributions(pm: Any, as_json: bool) -> None:
+    from dataclasses import asdict
+
+    from .options import describe_options
+    from .registry import KINDS, registry
+
+    rows: list[dict[str, Any]] = []
+    for kind in KINDS:
+        for contribution in registry(pm, kind).values():
+            options = [asdict(option) for option in describe_options(contribution.options)]
+            rows.append(
+                {
+                    "kind": kind,
+                    "name": contribution.name,
+                    "plugin": contribution.plugin,
+                    "distribution": contribution.distribution,
+                    "options_path": None if kind == "prompt_formats" else contribution.options_path(),
+                    "typed_options": contribution.options is not None,
+                    "options": options,
+                }
+            )
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    heading = None
+    for row in rows:
+        if row["kind"] != heading:
+            heading = row["kind"]
+            click.echo(f"{heading}:")
+        where = f"  ({row['options_path']})" if row["options_path"] and row["options"] else ""
+        click.echo(f"  {row['name']}  [{row['plugin']}, {row['distribution'] or '?'}]{where}")
+        if row["options_path"] and not row["typed_options"]:
+            click.echo("      options: not declared (a dict is passed as it is)")
+        for option in row["options"]:
+            line = f"      {option['name']}: {option['type']} = {option['default']}"
+            click.echo(line + (f"  -- {option['description']}" if option["description"] else ""))
 
 
 @cli.command()

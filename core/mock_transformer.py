@@ -10,8 +10,8 @@ switches to recorded answers (no model, no torch) with one changed line::
     model, tokenizer = MockTransformer("recordings/").model_and_tokenizer()
     chat_stream = ChatStream(model=model, tokenizer=tokenizer, ...)
 
-The ``transformers`` engine factory sees the model stand-in and builds the ``replay`` engine
-(``chatstream.plugins.engines.replay``) over the recording instead. The tokenizer stand-in carries
+The ``transformers`` engine factory sees the model stand-in and hands it to the ``replay`` engine
+(through the engine registry), which replays the recording instead. The tokenizer stand-in carries
 the recorded tokenizer's chat template and special tokens, so prompt formats render the same
 prompts as when recording; it encodes and decodes only texts the recording holds.
 """
@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from .recording import RecordingStore
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .plugins.engines.replay import ReplayEngine
+    from .replay_engine import ReplayEngine
     from .types import EngineConfig
 
 
@@ -155,7 +155,7 @@ class MockTokenizer:
 class MockTransformer:
     """Model and tokenizer stand-ins over a recording directory.
 
-    ``fallback`` and ``timing`` are the replay engine's options (``chatstream.plugins.engines.replay``).
+    ``fallback`` and ``timing`` are the replay engine's options (:mod:`chatstream.replay_engine`).
     """
 
     def __init__(
@@ -175,7 +175,7 @@ class MockTransformer:
 
     def create_engine(self, config: EngineConfig | None = None) -> ReplayEngine:
         """A replay engine over this recording (what the engine factories build for the stand-in)."""
-        from .plugins.engines.replay import ReplayEngine
+        from .replay_engine import ReplayEngine
 
         return ReplayEngine(
             self.store,
@@ -186,4 +186,24 @@ class MockTransformer:
         )
 
 
-__all__ = ["MockModel", "MockTokenizer", "MockTransformer", "MockTransformerError"]
+def stand_in_engine(config: EngineConfig) -> Any:
+    """The engine for a config whose model is a :class:`MockModel`: what the ``replay`` engine of
+    the registry (``config.engines``, else the process-wide plugins') builds for it."""
+    from .settings import SettingsError
+
+    engines = config.engines
+    if engines is None:
+        from .plugin_manager import get_plugin_manager
+        from .registry import registry
+
+        engines = registry(get_plugin_manager(), "engines")
+    replay = engines.get("replay")
+    if replay is None:
+        raise SettingsError(
+            "the model is a MockTransformer stand-in, which only the 'replay' engine serves, and no "
+            "plugin registers it: unblock chatstream.plugins.engines.replay (block_plugins)"
+        )
+    return replay.obj(config)
+
+
+__all__ = ["MockModel", "MockTokenizer", "MockTransformer", "MockTransformerError", "stand_in_engine"]

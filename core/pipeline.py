@@ -15,9 +15,10 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pluggy
+from pydantic import BaseModel
 
 from .plugin_manager import PluginError
-from .registry import Contribution, collect
+from .registry import Contribution, registry
 from .settings import SamplingLimits, SamplingSettings, SettingsError
 from .types import GenerationParams, LogitsProcessor, PipelineBuilder, RowInfo
 
@@ -35,21 +36,13 @@ __all__ = [
 ]
 
 
-def _check_factory(name: str, obj: Any) -> None:
-    if not callable(obj):
-        raise PluginError(
-            f"logits processor {name!r} must be registered with a callable factory(rows, options), "
-            f"got {type(obj).__name__}"
-        )
-
-
 def processor_registry(pm: pluggy.PluginManager | None = None) -> dict[str, Contribution[Any]]:
     """Every registered logits processor factory by name (from the process-wide plugins by default)."""
     if pm is None:
         from .plugin_manager import get_plugin_manager
 
         pm = get_plugin_manager()
-    return collect(pm, "logits_processors", check=_check_factory)
+    return registry(pm, "logits_processors")
 
 
 def make_pipeline_builder(
@@ -85,12 +78,13 @@ def make_pipeline_builder(
             "add the processor to sampling.pipeline or remove its options "
             "(CHATSTREAM_SAMPLING__PROCESSORS)"
         )
-    steps: list[tuple[str, Any, dict[str, Any], str]] = []
+    steps: list[tuple[str, Any, Any, str]] = []
     for name in sampling.pipeline:
         contribution = processors[name]
-        options = dict(sampling.processors.get(name, {}))
+        # Typed options (an options model) are validated here, with errors naming the option.
+        options = contribution.parse_options(sampling.processors.get(name))
         try:
-            contribution.obj([], dict(options))
+            contribution.obj([], _fresh(options))
         except (ValueError, TypeError) as exc:
             raise SettingsError(
                 f"setting 'sampling.processors.{name}' is invalid for processor {name!r} "
@@ -103,7 +97,7 @@ def make_pipeline_builder(
         """The processors this batch needs, in the configured order."""
         built: list[LogitsProcessor] = []
         for name, factory, options, plugin in steps:
-            processor = factory(rows, dict(options))
+            processor = factory(rows, _fresh(options))
             if processor is None:
                 continue
             if not callable(processor):
@@ -115,8 +109,16 @@ def make_pipeline_builder(
         return built
 
     # Engines that cannot run arbitrary processors (OpenVINO GenAI) read the names and options.
-    build.steps = tuple((name, dict(options)) for name, _factory, options, _plugin in steps)  # type: ignore[attr-defined]
+    build.steps = tuple(  # type: ignore[attr-defined]
+        (name, options.model_dump() if isinstance(options, BaseModel) else dict(options))
+        for name, _factory, options, _plugin in steps
+    )
     return build
+
+
+def _fresh(options: Any) -> Any:
+    """Options for one factory call: a model as it is (frozen), a dict copied."""
+    return options if isinstance(options, BaseModel) else dict(options)
 
 
 def apply_pipeline(

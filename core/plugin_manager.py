@@ -14,7 +14,8 @@ import os
 import sys
 import threading
 import warnings
-from collections.abc import Iterable
+import weakref
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -32,6 +33,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "chatstream.plugins.prompts.chatml",
     "chatstream.plugins.prompts.llama2",
     "chatstream.plugins.prompts.llama3",
+    "chatstream.plugins.prompts.llama3_1",
     "chatstream.plugins.prompts.rakutenai",
     "chatstream.plugins.prompts.karasu",
     "chatstream.plugins.prompts.nekomata",
@@ -119,6 +121,7 @@ def load_plugins(
     """
     pm = pm or new_plugin_manager()
     result = LoadedPlugins(pm)
+    _distributions[pm] = result.dist_of
     blocked = set(block)
     for module_name in builtins:
         if module_name in blocked or module_name.rsplit(".", 1)[-1] in blocked:
@@ -229,3 +232,24 @@ def describe_plugins(loaded: LoadedPlugins) -> list[PluginInfo]:
 def plugin_name_of(pm: pluggy.PluginManager, plugin: Any) -> str:
     """The registered name of a plugin object."""
     return pm.get_name(plugin) or repr(plugin)
+
+
+# The distribution (name, version) of each plugin, per manager made by load_plugins.
+_distributions: weakref.WeakKeyDictionary[pluggy.PluginManager, dict[str, tuple[str | None, str | None]]]
+_distributions = weakref.WeakKeyDictionary()
+
+
+def distribution_of(pm: pluggy.PluginManager, plugin_name: str) -> str | None:
+    """The installed distribution that gave a plugin (``chatstream`` for built-ins), if known."""
+    return _distributions.get(pm, {}).get(plugin_name, (None, None))[0]
+
+
+def each_implementation(
+    pm: pluggy.PluginManager, hook_name: str
+) -> Iterator[tuple[pluggy.HookImpl, str, Callable[..., list[Any]]]]:
+    """Each implementation of a hook, in pluggy's call order, with its plugin's name and a caller
+    that calls only it, through pluggy (so hook tracing and monitoring see the call)."""
+    impls = list(reversed(getattr(pm.hook, hook_name).get_hookimpls()))
+    for impl in impls:
+        alone = pm.subset_hook_caller(hook_name, remove_plugins=[i.plugin for i in impls if i is not impl])
+        yield impl, plugin_name_of(pm, impl.plugin), alone

@@ -17,7 +17,7 @@ import pluggy
 
 from .plugin_manager import PluginError, get_plugin_manager
 from .prompt import ROLE_ASSISTANT, ROLE_SYSTEM, ROLE_USER, AbstractChatPrompt
-from .registry import Contribution, UnknownNameError, collect, lookup
+from .registry import Contribution, UnknownNameError, lookup, registry
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +59,7 @@ def prompt_format_registry(pm: pluggy.PluginManager | None = None) -> dict[str, 
     A contribution that is not such a class, or has an invalid model pattern, is a
     ``PluginError`` naming the plugin.
     """
-    # Checked after collecting, because collect()'s check callback is not told the plugin's name.
-    formats = collect(pm or get_plugin_manager(), KIND)
-    for contribution in formats.values():
-        _validate(contribution)
-    return formats
+    return registry(pm or get_plugin_manager(), KIND, check=_validate)
 
 
 def model_patterns(contribution: Contribution[Any]) -> tuple[str, ...]:

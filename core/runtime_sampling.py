@@ -9,9 +9,13 @@ silently.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import Field
+
+from .options import PluginOptions
 from .types import EngineConfig, GenerationParams, RowInfo
 
 # What these runtimes' samplers implement, by the name of the chatstream processor each replaces.
@@ -25,6 +29,16 @@ class UnsupportedSamplingError(ValueError):
     """A sampling step or parameter the engine's runtime cannot run; the message names it."""
 
 
+class RuntimeSamplingOptions(PluginOptions):
+    """The option every engine whose runtime samples by itself takes (mixed into its options model)."""
+
+    pipeline: list[str] | None = Field(
+        None,
+        description="the sampling.pipeline step names, when the logits pipeline builder cannot tell "
+        "them (a third-party builder); unset: read from the builder",
+    )
+
+
 @dataclass(frozen=True)
 class Runtime:
     """How messages name an engine and its runtime: ``Runtime("openvino", "OpenVINO GenAI", "GenAI")``."""
@@ -33,20 +47,25 @@ class Runtime:
     title: str  # the runtime's full name
     short: str  # the runtime's short name
 
+    def check_pipeline(self, config: EngineConfig, pipeline: Sequence[str] | None = None) -> frozenset[str]:
+        """:func:`check_pipeline` for this runtime."""
+        return check_pipeline(config, self, pipeline)
 
-def pipeline_steps(config: EngineConfig, runtime: Runtime) -> list[tuple[str, dict[str, Any]]] | None:
+    def check_params(self, params: GenerationParams) -> None:
+        """:func:`check_params` for this runtime."""
+        check_params(params, self)
+
+
+def pipeline_steps(
+    config: EngineConfig, pipeline: Sequence[str] | None = None
+) -> list[tuple[str, dict[str, Any]]] | None:
     """The operator's ``sampling.pipeline`` as ``(name, options)``, or None when there is none.
 
-    Taken from the engine's ``pipeline`` plugin option when given, else read from the builder made
-    by :func:`chatstream.pipeline.make_pipeline_builder` (it keeps its checked ``steps``).
+    Taken from ``pipeline`` (the engine's ``pipeline`` option) when given, else read from the
+    builder made by :func:`chatstream.pipeline.make_pipeline_builder` (it keeps its checked ``steps``).
     """
-    named = config.options.get("pipeline")
-    if named is not None:
-        if not isinstance(named, (list, tuple)) or not all(isinstance(n, str) for n in named):
-            raise ValueError(
-                f"plugin_config.{runtime.engine}.pipeline={named!r} is invalid: use a list of processor names"
-            )
-        return [(name, {}) for name in named]
+    if pipeline is not None:
+        return [(name, {}) for name in pipeline]
     build = config.build_pipeline
     if build is None:
         return None
@@ -56,9 +75,12 @@ def pipeline_steps(config: EngineConfig, runtime: Runtime) -> list[tuple[str, di
     return [(name, dict(options)) for name, options in steps]
 
 
-def check_pipeline(config: EngineConfig, runtime: Runtime) -> frozenset[str]:
-    """The sampling steps the runtime will run; ``UnsupportedSamplingError`` for any it cannot."""
-    steps = pipeline_steps(config, runtime)
+def check_pipeline(
+    config: EngineConfig, runtime: Runtime, pipeline: Sequence[str] | None = None
+) -> frozenset[str]:
+    """The sampling steps the runtime will run (``pipeline``: the engine's ``pipeline`` option);
+    ``UnsupportedSamplingError`` for any it cannot."""
+    steps = pipeline_steps(config, pipeline)
     if steps is None:
         return frozenset(SUPPORTED_STEPS)
     engine = runtime.engine

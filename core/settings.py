@@ -133,7 +133,11 @@ class Settings(BaseSettings):
     model: str | None = None
     tokenizer: str | None = None
     device: str | None = None
-    engine: str = "transformers"
+    engine: str | None = Field(
+        None,
+        description="engine plugin name; unset: openvino for the embedded model or an IR directory on a "
+        "machine without a GPU when OpenVINO GenAI is installed, else transformers",
+    )
     prompt_format: str | None = Field(None, description="chat_prompt_clazz by name; None picks by model")
 
     # Load control.
@@ -238,10 +242,6 @@ class Settings(BaseSettings):
                     f"api_keys: role {api_key.role!r} is not one of the roles {sorted(self.roles)}"
                 )
         return self
-
-    def plugin_options(self, plugin: str) -> dict[str, Any]:
-        """The options of one plugin (``plugin_config.<plugin>``), empty when unset."""
-        return dict(self.plugin_config.get(plugin, {}))
 
 
 _config_file: dict[str, str | None] = {}

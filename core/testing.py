@@ -17,7 +17,7 @@ import contextlib
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import pytest
@@ -34,6 +34,7 @@ __all__ = [
     "mock_chatstream",
     "replay_chatstream",
     "run_live_server",
+    "run_server_process",
     "tiny_model",
 ]
 
@@ -76,6 +77,39 @@ def run_live_server(app: Any, timeout_s: float = 30.0) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=timeout_s)
+
+
+@contextlib.contextmanager
+def run_server_process(
+    command: Sequence[str], port: int, *, env: Mapping[str, str] | None = None, timeout_s: float = 120.0
+) -> Iterator[str]:
+    """Run a server command (it must listen on 127.0.0.1:``port``) in a child process; yields its
+    base URL once ``GET /ready`` answers 200, and stops the process afterwards."""
+    import subprocess
+
+    import httpx
+
+    proc = subprocess.Popen(list(command), env=dict(env) if env is not None else None)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the server exited with {proc.returncode}: {' '.join(command)}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not become ready in {timeout_s} s")
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.fixture

@@ -36,6 +36,7 @@ from .types import FinishedReason, FinishReason, GenerationParams, GenerationReq
 
 if TYPE_CHECKING:  # pragma: no cover
     from .chatstream import ChatStream, GenerationStats
+    from .hookspecs import RequestFinishedInfo
     from .sessions import ChatSession
 
 T = TypeVar("T")
@@ -388,6 +389,8 @@ class Turn:
             tokens=stats.tokens,
             ttft_s=None if stats.first_token_at is None else stats.first_token_at - self.started_at,
             finish_reason=stats.finish_reason,
+            prompt_tokens=stats.prompt_tokens,
+            cached_tokens=stats.cached_tokens,
         )
 
 
@@ -417,15 +420,19 @@ async def announce_finished(
     tokens: int = 0,
     ttft_s: float | None = None,
     finish_reason: str | None = None,
+    prompt_tokens: int | None = None,
+    cached_tokens: int | None = None,
 ) -> None:
     """The ``on_request_finished`` hook with every documented ``info`` key, in one place."""
-    info = {
+    info: RequestFinishedInfo = {
         "duration_s": duration_s,
         "error": error,
         "tokens": tokens,
         "ttft_s": ttft_s,
         "finish_reason": finish_reason,
         "transport": transport,
+        "prompt_tokens": prompt_tokens,
+        "cached_tokens": cached_tokens,
     }
     await cs.call_hook(
         "on_request_finished", chatstream=cs, request_id=request_id, reason=reason.value, info=info

@@ -7,7 +7,7 @@ plugin manager stay fast to import.
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
@@ -130,6 +130,10 @@ class TextDelta:
     text: str
     tokens: int = 0  # tokens generated so far for this request
     finish_reason: FinishReason | None = None
+    # On the first delta, where the engine knows: the prompt's length in tokens, and how many of
+    # those it did not compute because a cached prefix (an earlier turn's KV) already held them.
+    prompt_tokens: int | None = None
+    cached_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -174,6 +178,9 @@ class GenerationRequest:
     segments: Sequence[Segment] = ()
     prompt_ids: Sequence[int] | None = None
     prompt_tokens: int | None = None  # the prompt's length when core counted it (the ids sent)
+    # Whose conversation this is (a session id), for engines that keep earlier turns' KV caches:
+    # with reuse confined to sessions, only requests of the same scope share cached prefixes.
+    cache_scope: str | None = None
 
     def prompt_segments(self) -> Sequence[Segment]:
         """``segments``, or the whole ``prompt`` as one template segment when none were given."""
@@ -221,10 +228,34 @@ class EngineConfig:
     context_len: int = 1024
     add_special_tokens: bool | None = None
     build_pipeline: PipelineBuilder | None = None
-    options: dict[str, Any] = field(default_factory=dict)  # the engine plugin's own settings
+    # The engine plugin's own settings (``plugin_config.<engine>``): the instance of the options
+    # model it registered, or a plain dict (a factory called directly; it validates that itself).
+    options: Any = field(default_factory=dict)
     mock_params: dict[str, Any] = field(default_factory=dict)
     # The server's default generation parameters: an engine that cannot run them refuses to start.
     default_params: GenerationParams | None = None
+    # The engine registry of the plugins the engine is built for (``{name: Contribution}``), so an
+    # engine can hand a model it cannot run to another one; None: the process-wide plugins'.
+    engines: Mapping[str, Any] | None = None
+
+    def refuse_objects(self, engine: str, model_from: str, tokenizer_from: str) -> None:
+        """For an engine that loads its own model and tokenizer: ``ValueError`` when model or
+        tokenizer objects were passed. ``model_from``: what to set ``model`` to instead;
+        ``tokenizer_from``: whose tokenizer the engine uses (and how to choose another)."""
+        if self.model is not None:
+            raise ValueError(
+                f"the {engine!r} engine loads its model itself: set model to {model_from} instead of "
+                "passing a model object"
+            )
+        if self.tokenizer is not None:
+            raise ValueError(f"the {engine!r} engine uses {tokenizer_from}: leave tokenizer unset")
+
+    def check_limits(self) -> None:
+        """``ValueError`` naming ``max_batch_size`` or ``context_len`` when it is too small."""
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size={self.max_batch_size} is invalid: use 1 or more")
+        if self.context_len < 2:
+            raise ValueError(f"context_len={self.context_len} is invalid: use 2 or more")
 
 
 @runtime_checkable

@@ -127,12 +127,18 @@ def test_a_penalty_window_is_refused_at_start_up() -> None:
 
 
 def test_bad_options_name_the_option() -> None:
-    with pytest.raises(ValueError, match="inference_precision='f64'"):
+    with pytest.raises(ValueError, match=r"'plugin_config\.openvino\.inference_precision': .*\(got 'f64'\)"):
         OpenVINOEngine(EngineConfig(options={"inference_precision": "f64"}))
     with pytest.raises(ValueError, match=r"device='cuda'.*CPU"):
         OpenVINOEngine(EngineConfig(device="cuda"))
-    with pytest.raises(ValueError, match=r"unknown option.*'threads'"):
+    with pytest.raises(ValueError, match=r"'plugin_config\.openvino\.device': .*device='cuda'.*CPU"):
+        OpenVINOEngine(EngineConfig(options={"device": "cuda"}))
+    with pytest.raises(ValueError, match=r"'plugin_config\.openvino\.threads': unknown option"):
         OpenVINOEngine(EngineConfig(options={"threads": 2}))
+    with pytest.raises(ValueError, match=r"'plugin_config\.openvino\.kv_cache_gb': .*\(got 0\)"):
+        OpenVINOEngine(EngineConfig(options={"kv_cache_gb": 0}))
+    with pytest.raises(ValueError, match=r"'plugin_config\.openvino\.pipeline': .*\(got 'top_k'\)"):
+        OpenVINOEngine(EngineConfig(options={"pipeline": "top_k"}))
 
 
 def test_a_directory_without_ir_says_how_to_export(tmp_path: Any) -> None:
@@ -362,9 +368,9 @@ async def test_control_tokens_typed_by_a_user_stay_text(
     submitted: list[list[int]] = []
     real_submit = engine._submit
 
-    def spy(prompt_ids: list[int], params: GenerationParams) -> Any:
+    def spy(prompt_ids: list[int], request: GenerationRequest, trace: Any = None) -> Any:
         submitted.append(prompt_ids)
-        return real_submit(prompt_ids, params)
+        return real_submit(prompt_ids, request, trace)
 
     monkeypatch.setattr(engine, "_submit", spy)
     await collect(engine, GenerationRequest(text, GREEDY, segments=segments))

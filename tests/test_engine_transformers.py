@@ -353,8 +353,14 @@ def test_the_engine_is_registered_as_transformers() -> None:
     pm = new_plugin_manager()
     pm.register(transformers_engine)
     found: dict[str, Any] = {}
-    pm.hook.register_engines(register=lambda name, factory: found.setdefault(name, factory))
+    options: dict[str, Any] = {}
+
+    def register(name: str, factory: Any, **meta: Any) -> None:
+        found[name], options[name] = factory, meta.get("options")
+
+    pm.hook.register_engines(register=register)
     assert isinstance(found["transformers"](EngineConfig()), TransformersEngine)
+    assert options["transformers"] is transformers_engine.TransformersOptions
 
 
 async def test_the_slots_layout_keeps_one_preallocated_cache(
@@ -378,5 +384,8 @@ async def test_the_slots_layout_keeps_one_preallocated_cache(
 
 
 def test_a_bad_kv_cache_layout_is_named(tiny_model: tuple[Any, Any]) -> None:
-    with pytest.raises(ValueError, match=r"kv_cache='paged' is invalid: use 'dynamic' or 'slots'"):
+    with pytest.raises(ValueError) as error:
         make_engine(tiny_model, options={"kv_cache": "paged"})
+    message = str(error.value)
+    assert "setting 'plugin_config.transformers.kv_cache'" in message
+    assert "'dynamic' or 'slots'" in message and "(got 'paged')" in message

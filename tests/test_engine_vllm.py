@@ -213,18 +213,29 @@ async def test_engine_arguments_come_from_settings_and_options(stand_in: Any) ->
     args = stand_in.ENGINES[-1].args
     assert (args.model, args.max_num_seqs, args.max_model_len) == ("stand-in/tiny-chat", 3, 256)
     assert (args.dtype, args.gpu_memory_utilization, args.tensor_parallel_size) == ("bfloat16", 0.5, 2)
+    assert args.enable_prefix_caching is True  # conversations reuse their history's KV blocks
+
+
+async def test_prefix_caching_can_be_turned_off(stand_in: Any) -> None:
+    options = {"engine_args": {"enable_prefix_caching": False}}
+    cs = ChatStream(settings=settings(plugin_config={"vllm": options}), plugins=isolated_plugins())
+    await cs.start()
+    await cs.close()
+    assert stand_in.ENGINES[-1].args.enable_prefix_caching is False
 
 
 @pytest.mark.parametrize(
     ("options", "says"),
     [
-        ({"gpu_memory": 0.5}, r"unknown option\(s\) 'gpu_memory'.*engine_args"),
+        ({"gpu_memory": 0.5}, r"'plugin_config\.vllm\.gpu_memory': unknown option; known .*engine_args"),
         (
             {"engine_args": {"max_num_seqs": 8}},
-            r"max_num_seqs is set by chatstream.*NUM_OF_CONC",
+            r"'plugin_config\.vllm\.engine_args': .*max_num_seqs is set by chatstream.*NUM_OF_CONC",
         ),
         ({"engine_args": {"no_such_arg": 1}}, r"engine_args is invalid.*no_such_arg"),
-        ({"gpu_memory_utilization": 1.5}, r"gpu_memory_utilization=1\.5 is invalid"),
+        ({"gpu_memory_utilization": 1.5}, r"'plugin_config\.vllm\.gpu_memory_utilization': .*\(got 1\.5\)"),
+        ({"dtype": ""}, r"'plugin_config\.vllm\.dtype': .*\(got ''\)"),
+        ({"pipeline": "top_k"}, r"'plugin_config\.vllm\.pipeline': .*\(got 'top_k'\)"),
     ],
 )
 def test_bad_options_are_refused_naming_them(stand_in: Any, options: dict[str, Any], says: str) -> None:

@@ -13,8 +13,8 @@ import pytest
 from fastapi import FastAPI
 
 import chatstream.plugins.transports.openai as openai_transport
-import chatstream.plugins.transports.openai_protocol as openai_protocol
-import chatstream.plugins.transports.openai_serving as openai_serving
+import chatstream.plugins.transports.openai.protocol as openai_protocol
+import chatstream.plugins.transports.openai.serving as openai_serving
 from chatstream import ChatStream
 from chatstream.app import create_app
 from chatstream.hookspecs import hookimpl

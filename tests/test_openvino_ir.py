@@ -29,8 +29,8 @@ import pytest
 from chatstream import ChatStream
 from chatstream.app import create_app
 from chatstream.detokenize import TokenTextStream
-from chatstream.plugins.engines import openvino_engine
 from chatstream.plugins.engines.openvino_engine import OpenVINOEngine
+from chatstream.plugins.engines.openvino_engine import export as openvino_export
 from chatstream.plugins.prompts.hf_template import HFTemplatePrompt
 from chatstream.settings import load_settings
 from chatstream.testing import isolated_plugins
@@ -80,7 +80,7 @@ def cache_key() -> str:
     from chatstream import testkit_models
 
     digest = hashlib.sha256()
-    for module in (testkit_models, openvino_engine):
+    for module in (testkit_models, openvino_export):
         digest.update(Path(module.__file__ or "").read_bytes())
     versions = [f"{name}={version(name)}" for name in ("torch", "transformers", "tokenizers", "openvino")]
     digest.update(f"hidden_size={HIDDEN_SIZE} {' '.join(versions)}".encode())

@@ -22,9 +22,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from chatstream.app import create_app
 from chatstream.chatstream import ChatStream
+from chatstream.logs import make_log_handler
 from chatstream.plugin_manager import BUILTIN_PLUGINS, LoadedPlugins
 from chatstream.plugins.engines.mock import MockEngine
-from chatstream.plugins.transports.ops import make_log_handler
 from chatstream.settings import load_settings
 from chatstream.testing import free_port, isolated_plugins
 

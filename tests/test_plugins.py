@@ -118,7 +118,7 @@ def test_trylast_contribution_gives_way() -> None:
     class Fallback:
         @hookimpl(trylast=True)
         def register_engines(self, register: object) -> None:
-            register("mock", "fallback")  # type: ignore[operator]
+            register("mock", lambda config: None)  # type: ignore[operator]
 
     loaded = isolated_plugins(Fallback())
     assert collect(loaded.pm, "engines")["mock"].plugin == "chatstream.plugins.engines.mock"

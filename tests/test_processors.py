@@ -338,10 +338,22 @@ def test_top_p_after_top_k_matches_top_p_alone_on_the_survivors() -> None:
         (lambda: FrequencyPenaltyProcessor(math.inf), "frequency_penalty=inf"),
         (lambda: PresencePenaltyProcessor(1.0, "divide"), "presence_penalty_method='divide'"),
         (lambda: RepetitionPenaltyProcessor([1.2, 1.3], prompt_lens=[1]), "2 values for a batch of 1"),
-        (lambda: repetition_factory([], {"windows": 3}), "unknown option(s) 'windows'"),
-        (lambda: frequency_factory([], {"window": 0}), "window=0"),
-        (lambda: presence_factory([], {"include_prompt": "yes"}), "include_prompt='yes'"),
-        (lambda: top_k_factory([], {"k": 3}), "takes no options"),
+        (
+            lambda: repetition_factory([], {"windows": 3}),
+            "'sampling.processors.repetition.windows': unknown option; known options: include_prompt, window",
+        ),
+        (
+            lambda: frequency_factory([], {"window": 0}),
+            "'sampling.processors.frequency.window': Input should be greater than or equal to 1 (got 0)",
+        ),
+        (
+            lambda: presence_factory([], {"include_prompt": "yes"}),
+            "'sampling.processors.presence.include_prompt': Input should be a valid boolean (got 'yes')",
+        ),
+        (
+            lambda: top_k_factory([], {"k": 3}),
+            "'sampling.processors.top_k.k': unknown option; top_k takes no options",
+        ),
     ],
 )
 def test_invalid_values_are_refused_with_the_field_named(build: Any, message: str) -> None:

@@ -24,7 +24,7 @@ from chatstream.registry import Contribution, UnknownNameError
 TEMPLATES = Path(__file__).parent / "data" / "chat_templates"
 PROMPT_PLUGINS = tuple(
     f"chatstream.plugins.prompts.{name}"
-    for name in ("chatml", "llama2", "llama3", "rakutenai", "karasu", "nekomata", "hf_template")
+    for name in ("chatml", "llama2", "llama3", "llama3_1", "rakutenai", "karasu", "nekomata", "hf_template")
 )
 
 
@@ -34,8 +34,9 @@ def formats() -> dict[str, Contribution[Any]]:
 
 
 def test_builtin_formats_are_registered_by_their_modules(formats: dict[str, Contribution[Any]]) -> None:
-    assert set(formats) == {"chatml", "llama2", "llama3", "rakutenai", "karasu", "nekomata", "hf"}
+    assert set(formats) == {"chatml", "llama2", "llama3", "llama3.1", "rakutenai", "karasu", "nekomata", "hf"}
     assert formats["llama3"].plugin == "chatstream.plugins.prompts.llama3"
+    assert formats["llama3.1"].plugin == "chatstream.plugins.prompts.llama3_1"
     assert formats["hf"].obj is HFTemplatePrompt
     for contribution in formats.values():
         assert issubclass(contribution.obj, AbstractChatPrompt)
@@ -55,6 +56,13 @@ def test_describe_prompt_formats_gives_one_row_per_format(formats: dict[str, Con
         ("meta-llama/Llama-2-7b-chat-hf", "llama2"),
         ("meta-llama/Llama-2-70b-chat-hf", "llama2"),
         ("meta-llama/Meta-Llama-3-8B-Instruct", "llama3"),
+        ("meta-llama/Meta-Llama-3-70B-Instruct", "llama3"),
+        ("meta-llama/Llama-3.1-8B-Instruct", "llama3.1"),
+        ("meta-llama/Meta-Llama-3.1-70B-Instruct", "llama3.1"),
+        ("meta-llama/Llama-3.2-1B-Instruct", "llama3.1"),
+        ("meta-llama/Llama-3.2-3B-Instruct", "llama3.1"),
+        ("meta-llama/Llama-3.3-70B-Instruct", "llama3.1"),
+        ("/models/Llama-3.2-3B-Instruct-Q4_K_M.gguf", "llama3.1"),
         ("Rakuten/RakutenAI-7B-chat", "rakutenai"),
         ("lightblue/karasu-7B-chat-plus", "karasu"),
         ("augmxnt/shisa-7b-v1", "karasu"),
@@ -71,14 +79,30 @@ def test_model_id_picks_its_format(
     assert f"of format {expected!r}" in reason and model_id in reason
 
 
-def test_llama_3_1_is_not_taken_for_llama_3(formats: dict[str, Contribution[Any]]) -> None:
-    # Llama 3.1 writes a dated system block that the llama3 format does not: it must use its own template.
-    chosen, _ = select_prompt_format(formats, model_id="meta-llama/Llama-3.1-8B-Instruct")
-    assert chosen.name == "chatml"
-    chosen, reason = select_prompt_format(
-        formats, model_id="meta-llama/Llama-3.1-8B-Instruct", tokenizer=_tokenizer("llama3_1.jinja")
-    )
-    assert (chosen.name, reason) == ("hf", "tokenizer has a chat_template -> hf")
+def test_llama_3_1_and_llama_3_do_not_take_each_other(formats: dict[str, Contribution[Any]]) -> None:
+    # Llama 3.1 writes a dated system block that the llama3 format does not: each has its own format.
+    for model_id in ("meta-llama/Llama-3.1-8B-Instruct", "meta-llama/Llama-3.3-70B-Instruct"):
+        chosen, reason = select_prompt_format(
+            formats, model_id=model_id, tokenizer=_tokenizer("llama3_1.jinja")
+        )
+        assert chosen.name == "llama3.1" and "llama3.1" in reason
+    chosen, _ = select_prompt_format(formats, model_id="meta-llama/Meta-Llama-3-8B-Instruct")
+    assert chosen.name == "llama3"
+
+
+@pytest.mark.parametrize(
+    "model_id",
+    [
+        "meta-llama/Llama-3.1-8B",  # base model: no chat format
+        "meta-llama/Llama-3.2-11B-Vision-Instruct",  # vision template differs
+        "meta-llama/Llama-3.10-8B-Instruct",
+    ],
+)
+def test_llama_3_1_patterns_leave_other_llama_ids_alone(
+    formats: dict[str, Contribution[Any]], model_id: str
+) -> None:
+    chosen, _ = select_prompt_format(formats, model_id=model_id, tokenizer=_tokenizer("llama3_1.jinja"))
+    assert chosen.name == "hf"
 
 
 def test_explicit_name_wins_and_unknown_name_lists_known(
@@ -160,6 +184,7 @@ CONVERSATION = [
     ("template", "bos", "eos", "add_special_tokens"),
     [
         ("llama3.jinja", "<|begin_of_text|>", "<|eot_id|>", False),
+        ("llama3_1.jinja", "<|begin_of_text|>", "<|eot_id|>", False),
         ("smollm2.jinja", "<|im_start|>", "<|im_end|>", False),
         ("rakutenai.jinja", "<s>", "</s>", None),
     ],

@@ -19,6 +19,7 @@ from chatstream.plugins.prompts.hf_template import HFTemplatePrompt
 from chatstream.plugins.prompts.karasu import KarasuChatPrompt
 from chatstream.plugins.prompts.llama2 import Llama2ChatPrompt
 from chatstream.plugins.prompts.llama3 import Llama3ChatPrompt
+from chatstream.plugins.prompts.llama3_1 import Llama31ChatPrompt
 from chatstream.plugins.prompts.nekomata import NekomataInstructionPrompt
 from chatstream.plugins.prompts.rakutenai import RakutenAIChatPrompt
 from chatstream.prompt import AbstractChatPrompt
@@ -76,6 +77,7 @@ def formats(tokenizer: Any) -> dict[str, type[AbstractChatPrompt]]:
         "chatml": ChatMLPrompt,
         "llama2": Llama2ChatPrompt,
         "llama3": Llama3ChatPrompt,
+        "llama3.1": Llama31ChatPrompt,
         "karasu": KarasuChatPrompt,
         "rakutenai": RakutenAIChatPrompt,
         "nekomata": NekomataInstructionPrompt,
@@ -84,7 +86,7 @@ def formats(tokenizer: Any) -> dict[str, type[AbstractChatPrompt]]:
     }
 
 
-FORMAT_NAMES = ["chatml", "llama2", "llama3", "karasu", "rakutenai", "nekomata", "hf", "plain"]
+FORMAT_NAMES = ["chatml", "llama2", "llama3", "llama3.1", "karasu", "rakutenai", "nekomata", "hf", "plain"]
 
 
 class Encoder:

@@ -13,6 +13,7 @@ from chatstream.plugins.prompts.chatml import ChatMLPrompt
 from chatstream.plugins.prompts.karasu import KarasuChatPrompt
 from chatstream.plugins.prompts.llama2 import Llama2ChatPrompt
 from chatstream.plugins.prompts.llama3 import Llama3ChatPrompt
+from chatstream.plugins.prompts.llama3_1 import Llama31ChatPrompt
 from chatstream.plugins.prompts.nekomata import NekomataInstructionPrompt
 from chatstream.plugins.prompts.rakutenai import RakutenAIChatPrompt
 from chatstream.prompt import AbstractChatPrompt
@@ -24,6 +25,7 @@ TEMPLATES = Path(__file__).parent / "data" / "chat_templates"
 FORMATS: dict[str, tuple[type[AbstractChatPrompt], str, str, str]] = {
     "llama2": (Llama2ChatPrompt, "llama2.jinja", "<s>", "</s>"),
     "llama3": (Llama3ChatPrompt, "llama3.jinja", "<|begin_of_text|>", "<|eot_id|>"),
+    "llama3.1": (Llama31ChatPrompt, "llama3_1.jinja", "<|begin_of_text|>", "<|eot_id|>"),
     "chatml": (ChatMLPrompt, "smollm2.jinja", "<|im_start|>", "<|im_end|>"),
     "rakutenai": (RakutenAIChatPrompt, "rakutenai.jinja", "<s>", "</s>"),
     "karasu": (KarasuChatPrompt, "karasu.jinja", "<s>", "</s>"),
@@ -75,17 +77,20 @@ CONVERSATIONS: dict[str, Conversation] = {
 CASES = [(fmt, conv) for fmt in FORMATS for conv in CONVERSATIONS]
 
 
-def _reference(fmt: str, conversation: Conversation) -> str:
+def _reference(fmt: str, conversation: Conversation, prompt: AbstractChatPrompt | None = None) -> str:
+    """The reference template's text; for a dated format, with the date of ``prompt``."""
     _, template, bos, eos = FORMATS[fmt]
     text = (TEMPLATES / template).read_text(encoding="utf-8")
-    return render_chat_template(text, conversation, bos_token=bos, eos_token=eos)
+    extra = {"date_string": prompt.date_string} if isinstance(prompt, Llama31ChatPrompt) else {}
+    return render_chat_template(text, conversation, bos_token=bos, eos_token=eos, **extra)
 
 
 @pytest.mark.parametrize(("fmt", "conv"), CASES, ids=[f"{f}-{c}" for f, c in CASES])
 def test_create_prompt_matches_reference_template(fmt: str, conv: str) -> None:
     cls = FORMATS[fmt][0]
     conversation = CONVERSATIONS[conv]
-    assert build_prompt(cls, conversation).create_prompt() == _reference(fmt, conversation)
+    prompt = build_prompt(cls, conversation)
+    assert prompt.create_prompt() == _reference(fmt, conversation, prompt)
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
@@ -94,11 +99,11 @@ def test_single_turn_ttl_renders_only_the_last_exchange(fmt: str) -> None:
     conversation = CONVERSATIONS["system-three-rounds"]
     prompt = build_prompt(cls, conversation)
     prompt.set_prompt_ttl(1)
-    assert prompt.create_prompt() == _reference(fmt, [conversation[0], conversation[-1]])
+    assert prompt.create_prompt() == _reference(fmt, [conversation[0], conversation[-1]], prompt)
     # The history is kept: lifting the limit renders everything again.
     prompt.set_prompt_ttl(None)
     if fmt != "nekomata":  # a task prompt ignores earlier turns either way
-        assert prompt.create_prompt() == _reference(fmt, conversation)
+        assert prompt.create_prompt() == _reference(fmt, conversation, prompt)
 
 
 def test_chatml_writes_smollm2_default_system_even_when_removed() -> None:
@@ -148,6 +153,7 @@ def test_nekomata_literal_example_and_needs_a_user_message() -> None:
     [
         (Llama2ChatPrompt, False, ("</s>",)),
         (Llama3ChatPrompt, False, ("<|eot_id|>", "<|end_of_text|>")),
+        (Llama31ChatPrompt, False, ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>")),
         (ChatMLPrompt, False, ("<|im_end|>",)),
         (RakutenAIChatPrompt, True, ("</s>",)),
         (KarasuChatPrompt, True, ("</s>",)),
@@ -165,3 +171,33 @@ def test_special_token_settings(
         # The rendered text starts with the model's BOS, so the tokenizer must not add another.
         bos = FORMATS[next(k for k, v in FORMATS.items() if v[0] is cls)][2]
         assert build_prompt(cls, [_user("x")]).create_prompt().startswith(bos)
+
+
+def test_llama3_1_literal_example_with_and_without_system() -> None:
+    # Written out by hand (the template's default date is the one this conversation carries).
+    prompt = build_prompt(
+        Llama31ChatPrompt, [_sys("  Be brief. "), _user(" hi\n"), _bot(" hello "), _user("bye")]
+    )
+    prompt.date_string = "26 Jul 2024"
+    head = (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+        "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
+    )
+    assert prompt.create_prompt() == (
+        f"{head}Be brief.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nhello<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nbye<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
+    # Without a system prompt the dated block is still written, empty after the date.
+    bare = build_prompt(Llama31ChatPrompt, [_user("hi")])
+    bare.date_string = "26 Jul 2024"
+    assert (
+        bare.create_prompt()
+        == (
+            f"{head}<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n"
+        )
+        == _reference("llama3.1", [_user("hi")])
+    )

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from chatstream.app import create_app
 from chatstream.chatstream import ChatStream
 from chatstream.mock_transformer import MockTransformer, MockTransformerError
 from chatstream.pipeline import make_pipeline_builder, processor_registry
-from chatstream.plugins.engines import replay
+from chatstream.plugins.engines import replay, transformers_engine
 from chatstream.plugins.engines.replay import ReplayEngine, engine_from_options
 from chatstream.plugins.engines.transformers_engine import TransformersEngine
 from chatstream.recording import (
@@ -35,8 +35,9 @@ from chatstream.recording import (
     RecordingStore,
     RecordingWriter,
 )
+from chatstream.recording_engine import RecordingEngine
 from chatstream.registry import collect
-from chatstream.settings import SamplingSettings, load_settings
+from chatstream.settings import SamplingSettings, SettingsError, load_settings
 from chatstream.testing import isolated_plugins
 from chatstream.testing_replay import make_replay_chatstream
 from chatstream.types import EngineConfig, GenerationParams, GenerationRequest, TextDelta
@@ -77,7 +78,7 @@ async def _collect(engine: Any, request: GenerationRequest) -> list[TextDelta]:
 async def _record(tiny_model: tuple[Any, Any], directory: Path) -> Recorded:
     model, tokenizer = tiny_model
     build = make_pipeline_builder(SamplingSettings(), processor_registry(isolated_plugins().pm))
-    engine = TransformersEngine(
+    engine = transformers_engine.create_engine(
         EngineConfig(
             model=model,
             tokenizer=tokenizer,
@@ -87,6 +88,7 @@ async def _record(tiny_model: tuple[Any, Any], directory: Path) -> Recorded:
             options={"record_dir": str(directory)},
         )
     )
+    assert isinstance(engine, RecordingEngine) and isinstance(engine.engine, TransformersEngine)
     await engine.start()
     streams: list[tuple[GenerationRequest, list[list[Any]]]] = []
     try:
@@ -173,10 +175,19 @@ def test_no_temporary_files_are_left(recorded: Recorded) -> None:
 
 def test_bad_recording_options_are_named(tiny_model: tuple[Any, Any]) -> None:
     model, tokenizer = tiny_model
-    with pytest.raises(ValueError, match="record_top_logits=-1"):
-        TransformersEngine(EngineConfig(model=model, tokenizer=tokenizer, options={"record_top_logits": -1}))
-    with pytest.raises(ValueError, match="record_dir=3"):
-        TransformersEngine(EngineConfig(model=model, tokenizer=tokenizer, options={"record_dir": 3}))
+
+    def build(options: dict[str, Any]) -> Any:
+        return transformers_engine.create_engine(
+            EngineConfig(model=model, tokenizer=tokenizer, options=options)
+        )
+
+    with pytest.raises(ValueError, match=r"'plugin_config\.transformers\.record_top_logits': .*\(got -1\)"):
+        build({"record_top_logits": -1})
+    with pytest.raises(ValueError, match=r"'plugin_config\.transformers\.record_dir': .*\(got 3\)"):
+        build({"record_dir": 3})
+    # Recording is the factory's wrapper: the bare engine refuses the option rather than ignore it.
+    with pytest.raises(ValueError, match=r"record_dir is applied by the engine's registered factory"):
+        TransformersEngine(EngineConfig(model=model, tokenizer=tokenizer, options={"record_dir": "x"}))
 
 
 # -- replay in a fresh process, from a copy ----------------------------------------------------------
@@ -299,14 +310,16 @@ def test_count_tokens_knows_recorded_prompts_only(recorded: Recorded) -> None:
 
 
 def test_bad_replay_options_are_named(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"plugin_config\.replay\.dir"):
+    with pytest.raises(ValueError, match=r"'plugin_config\.replay\.dir': Field required"):
         engine_from_options({})
     with pytest.raises(RecordingFormatError, match="does not exist"):
         engine_from_options({"dir": str(tmp_path / "missing")})
-    with pytest.raises(ValueError, match="timing='fast'"):
+    with pytest.raises(ValueError, match=r"'plugin_config\.replay\.timing': .*\(got 'fast'\)"):
         engine_from_options({"dir": str(tmp_path), "timing": "fast"})
-    with pytest.raises(ValueError, match="unknown option"):
+    with pytest.raises(ValueError, match=r"'plugin_config\.replay\.speed': unknown option; known options"):
         engine_from_options({"dir": str(tmp_path), "speed": 2})
+    with pytest.raises(ValueError, match=r"'plugin_config\.replay\.timing': .*\(got 'fast'\)"):
+        MockTransformer(tmp_path, timing="fast")
 
 
 def write_record(directory: Path, prompt: str, texts: list[str], step_s: float = 0.0) -> GenerationRecord:
@@ -384,6 +397,17 @@ def test_both_engine_names_build_the_replay_engine(recorded: Recorded) -> None:
     by_stand_in = engines["transformers"].obj(EngineConfig(model=mock.model, tokenizer=mock.tokenizer))
     assert isinstance(by_options, ReplayEngine) and isinstance(by_stand_in, ReplayEngine)
     assert by_stand_in.fallback == "mock" and by_stand_in.tokenizer is mock.tokenizer
+
+
+def test_a_stand_in_model_reaches_the_replay_engine_only_through_the_registry(recorded: Recorded) -> None:
+    mock = MockTransformer(recorded.directory)
+    config = EngineConfig(model=mock.model, tokenizer=mock.tokenizer)
+    blocked = collect(isolated_plugins(block=("chatstream.plugins.engines.replay",)).pm, "engines")
+    assert "replay" not in blocked
+    with pytest.raises(SettingsError, match=r"only the 'replay' engine serves.*unblock"):
+        blocked["transformers"].obj(replace(config, engines=blocked))
+    engines = collect(isolated_plugins().pm, "engines")
+    assert isinstance(engines["transformers"].obj(replace(config, engines=engines)), ReplayEngine)
 
 
 async def test_chatstream_over_http_streams_the_recorded_answer(recorded: Recorded, live_server: Any) -> None:

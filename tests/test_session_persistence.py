@@ -137,7 +137,10 @@ async def test_stores_are_chosen_and_configured_by_settings(mock_chatstream: Any
         assert cs.session_store.url == "redis://127.0.0.1:1/2" and cs.session_store.key("x") == "p:x"
     finally:
         await cs.close()
-    with pytest.raises(ValueError, match=r"unknown options \['file'\] in plugin_config\.sqlite"):
+    with pytest.raises(
+        ValueError,
+        match=r"'plugin_config\.sqlite\.file': unknown option.*CHATSTREAM_PLUGIN_CONFIG__SQLITE__FILE",
+    ):
         mock_chatstream(
             plugins=plugins,
             settings=load_settings(session_store="sqlite", plugin_config={"sqlite": {"file": "x"}}),

@@ -43,9 +43,9 @@ def test_nested_and_plugin_settings_from_env(monkeypatch: pytest.MonkeyPatch) ->
     s = load_settings()
     assert s.sampling.pipeline == ["temperature", "top_p"]
     # Plugin options from the environment: JSON values decoded, other text kept as text.
-    assert s.plugin_options("memory") == {"ttl_s": 60}
-    assert s.plugin_options("redis") == {"url": "redis://127.0.0.1:6390/0"}
-    assert s.plugin_options("upstream") == {"headers": {"X-A": "1"}}
+    assert s.plugin_config["memory"] == {"ttl_s": 60}
+    assert s.plugin_config["redis"] == {"url": "redis://127.0.0.1:6390/0"}
+    assert s.plugin_config["upstream"] == {"headers": {"X-A": "1"}}
     assert s.block_plugins == ["a", "b"]
 
 

@@ -311,11 +311,12 @@ def test_parameters_map_to_the_openai_and_vllm_fields() -> None:
 @pytest.mark.parametrize(
     ("options", "says"),
     [
-        ({}, "plugin_config.upstream.base_url"),
-        ({"base_url": "vllm:8000"}, "base_url='vllm:8000'"),
-        ({"base_url": "http://x", "mode": "text"}, "mode='text'"),
-        ({"base_url": "http://x", "retries": 2}, "unknown options ['retries']"),
-        ({"base_url": "http://x", "max_retries": "many"}, "max_retries='many'"),
+        ({}, "'plugin_config.upstream.base_url': Field required"),
+        ({"base_url": "vllm:8000"}, "'plugin_config.upstream.base_url': Value error, use http://host:port"),
+        ({"base_url": "http://x", "mode": "text"}, "'plugin_config.upstream.mode': Input should be"),
+        ({"base_url": "http://x", "retries": 2}, "'plugin_config.upstream.retries': unknown option"),
+        ({"base_url": "http://x", "max_retries": "many"}, "'plugin_config.upstream.max_retries': "),
+        ({"base_url": "http://x", "timeout_s": -1}, "'plugin_config.upstream.timeout_s': "),
     ],
 )
 def test_bad_options_are_named(options: dict[str, Any], says: str) -> None:
@@ -324,6 +325,9 @@ def test_bad_options_are_named(options: dict[str, Any], says: str) -> None:
             settings=load_settings(engine="upstream", plugin_config={"upstream": options}), plugins=plugins()
         )
     assert says in str(error.value)
+    given = {k: v for k, v in options.items() if k != "base_url" or v != "http://x"}
+    for value in given.values():  # the value given is shown
+        assert f"(got {value!r})" in str(error.value)
 
 
 def test_base_url_gets_v1_once() -> None:

@@ -128,9 +128,11 @@ def test_unknown_or_empty_options_are_rejected_by_name(mock_chatstream: Callable
     from fastapi import FastAPI
 
     cs = mock_chatstream()
-    with pytest.raises(ValueError, match=r"webui options \['colour'\] are unknown: use title"):
+    with pytest.raises(
+        ValueError, match=r"'plugin_config\.webui\.colour': unknown option; known options: title"
+    ):
         webui.install(FastAPI(), cs, {"colour": "blue"})
-    with pytest.raises(ValueError, match="title=''"):
+    with pytest.raises(ValueError, match=r"'plugin_config\.webui\.title': .* \(got ''\)"):
         webui.install(FastAPI(), cs, {"title": ""})
 
 

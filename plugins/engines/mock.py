@@ -1,113 +1,22 @@
-"""The generator mock: streams canned text with no model loaded (``use_mock_response=True``).
-
-``mock_params``:
-- ``type``: ``round`` (cycle through ``texts``, one per request), ``long`` (a long text),
-  or ``echo`` (repeat the user's last message).
-- ``texts``: the texts ``round`` cycles through (optional).
-- ``initial_wait_sec``: delay before the first token; ``time_per_token_sec``: delay per token.
-
-Text streams word by word; Japanese and Chinese characters stream one by one.
-"""
+"""The ``mock`` engine plugin: registers the generator mock (:mod:`chatstream.mock_engine`),
+which streams canned text with no model loaded (``use_mock_response=True``)."""
 
 from __future__ import annotations
 
-import asyncio
-import itertools
-import re
-from collections.abc import AsyncIterator
 from typing import Any
 
-from chatstream.detokenize import StopStringFilter
 from chatstream.hookspecs import hookimpl
-from chatstream.types import EngineConfig, FinishReason, GenerationRequest, TextDelta
+from chatstream.mock_engine import DEFAULT_TEXTS, LONG_TEXT, MOCK_TYPES, MockEngine, split_mock_tokens
+from chatstream.types import EngineConfig
 
-DEFAULT_TEXTS = (
-    "Hello! I am a mock assistant. I stream canned text so you can build without a model.",
-    "こんにちは！これはモックの応答です。モデルなしで動作を確認できます。",
-    "Streaming works: each word arrives as its own chunk, like tokens from a real model.",
-)
-LONG_TEXT = " ".join(
-    f"This is sentence number {n} of a long mock answer, useful for testing scrolling and cancellation."
-    for n in range(1, 41)
-)
-MOCK_TYPES = ("round", "long", "echo")
-
-# One token: a CJK character, or a run of other non-space characters with its leading space.
-_TOKEN = re.compile(
-    r"[\u3000-\u30ff\u3400-\u9fff\uff00-\uffef]|\s*[^\s\u3000-\u30ff\u3400-\u9fff\uff00-\uffef]+|\s+"
-)
-
-
-def split_mock_tokens(text: str) -> list[str]:
-    """Split text into the pieces the mock streams; joining them gives the text back."""
-    return _TOKEN.findall(text)
-
-
-class MockEngine:
-    """An engine that needs no model: see the module docstring for its parameters."""
-
-    name = "mock"
-    tokenizer: Any = None
-
-    def __init__(self, mock_params: dict[str, Any] | None = None) -> None:
-        params = dict(mock_params or {})
-        self.type = params.pop("type", "round")
-        if self.type not in MOCK_TYPES:
-            raise ValueError(f"mock_params type {self.type!r} is unknown: use one of {', '.join(MOCK_TYPES)}")
-        self.initial_wait = float(params.pop("initial_wait_sec", 0.0))
-        self.time_per_token = float(params.pop("time_per_token_sec", 0.0))
-        texts = params.pop("texts", None) or DEFAULT_TEXTS
-        if params:
-            raise ValueError(
-                f"mock_params has unknown keys {sorted(params)}: "
-                "use type, texts, initial_wait_sec, time_per_token_sec"
-            )
-        if self.initial_wait < 0 or self.time_per_token < 0:
-            raise ValueError("mock_params initial_wait_sec and time_per_token_sec must be >= 0")
-        self._texts = itertools.cycle(list(texts))
-
-    async def start(self) -> None:
-        return None
-
-    async def close(self) -> None:
-        return None
-
-    def count_tokens(self, text: str) -> int | None:
-        return len(split_mock_tokens(text))
-
-    def answer_for(self, request: GenerationRequest) -> str:
-        """The text this request will stream."""
-        if self.type == "long":
-            return LONG_TEXT
-        if self.type == "echo":
-            users = [m["content"] for m in request.messages or () if m.get("role") == "user"]
-            return users[-1] if users else request.prompt
-        return next(self._texts)
-
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[TextDelta]:
-        tokens = split_mock_tokens(self.answer_for(request))
-        if self.initial_wait:
-            await asyncio.sleep(self.initial_wait)
-        limit = request.params.max_new_tokens
-        # Stop strings end the answer as a model's would: client code tested on the mock sees
-        # its stop sequences work (or not) as they will on a real engine.
-        stops = StopStringFilter(request.stop)
-        count = 0
-        for piece in tokens[:limit]:
-            if self.time_per_token:
-                await asyncio.sleep(self.time_per_token)
-            else:
-                await asyncio.sleep(0)  # let other requests and disconnect checks run
-            count += 1
-            shown = stops.feed(piece)
-            if shown or not stops.stopped:
-                yield TextDelta(shown, count)
-            if stops.stopped:
-                yield TextDelta("", count, FinishReason.STOP)
-                return
-        rest = stops.flush()
-        reason = FinishReason.LENGTH if len(tokens) > limit else FinishReason.STOP
-        yield TextDelta(rest, count, reason)
+__all__ = [
+    "DEFAULT_TEXTS",
+    "LONG_TEXT",
+    "MOCK_TYPES",
+    "MockEngine",
+    "create_mock_engine",
+    "split_mock_tokens",
+]
 
 
 def create_mock_engine(config: EngineConfig) -> MockEngine:
@@ -117,4 +26,5 @@ def create_mock_engine(config: EngineConfig) -> MockEngine:
 
 @hookimpl
 def register_engines(register: Any) -> None:
+    """Register the ``mock`` engine."""
     register("mock", create_mock_engine)

@@ -4,7 +4,8 @@ chatstream keeps the sessions, the prompt formats, admission and the HTTP APIs; 
 from vLLM, TGI, the llama.cpp server or another chatstream, over HTTP with streamed server-sent
 events. Several chatstream replicas can share one (or a load-balanced pool of) upstream servers.
 
-Options (``plugin_config.upstream``, env ``CHATSTREAM_PLUGIN_CONFIG__UPSTREAM__<KEY>``):
+Options (``plugin_config.upstream``, env ``CHATSTREAM_PLUGIN_CONFIG__UPSTREAM__<KEY>``,
+:class:`UpstreamOptions`):
 - ``base_url`` (required): the server's root, e.g. ``http://vllm:8000`` (``/v1`` is added when missing);
 - ``api_key``: sent as ``Authorization: Bearer <key>``;
 - ``model``: the model name sent in each request (default: the upstream's first ``/v1/models`` entry);
@@ -30,20 +31,52 @@ import json
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Literal
 
+from pydantic import Field, field_validator
+
 from chatstream.hookspecs import hookimpl
+from chatstream.options import PluginOptions, parse_options
 from chatstream.types import EngineConfig, FinishReason, GenerationParams, GenerationRequest, TextDelta
 
 if TYPE_CHECKING:  # pragma: no cover
     import httpx
 
 ENGINE = "upstream"
-OPTIONS = ("base_url", "api_key", "model", "mode", "timeout_s", "connect_timeout_s", "max_retries")
-MODES = ("completions", "chat")
+OPTIONS_PATH = "plugin_config.upstream"
 # First retry delay; each further retry waits twice as long.
 RETRY_BASE_S = 0.1
 # Upstream client errors passed through as they are; other 4xx (e.g. 401: our key is wrong) are
 # the operator's problem, not the caller's, and become 502.
 _PASSED_THROUGH = {400, 404, 413, 422, 429}
+
+
+class UpstreamOptions(PluginOptions):
+    """``plugin_config.upstream``."""
+
+    base_url: str = Field(
+        description="the server's root, e.g. http://vllm:8000 (/v1 is added when missing)",
+    )
+    api_key: str | None = Field(None, description="sent as Authorization: Bearer <key>")
+    model: str | None = Field(
+        None, description="the model name sent in each request; unset: the upstream's first /v1/models entry"
+    )
+    mode: Literal["completions", "chat"] = Field(
+        "completions",
+        description="'completions': the prompt is rendered here and sent to /v1/completions with our stop "
+        "strings; 'chat': the messages go to /v1/chat/completions, rendered by the upstream's template",
+    )
+    timeout_s: float = Field(300.0, ge=0, description="the longest wait for the next chunk, in seconds")
+    connect_timeout_s: float = Field(5.0, ge=0, description="the longest wait for a connection, in seconds")
+    max_retries: int = Field(
+        3, ge=0, description="connection failures retried before the first token, with exponential backoff"
+    )
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        url = value.strip().rstrip("/")
+        if not url.startswith(("http://", "https://")):
+            raise ValueError("use http://host:port or https://...")
+        return url
 
 
 class UpstreamError(Exception):
@@ -54,22 +87,6 @@ class UpstreamError(Exception):
         self.status = status
         self.code = code
         self.message = message
-
-
-def _option(options: dict[str, Any], name: str, kind: type, default: Any) -> Any:
-    value = options.get(name, default)
-    if value is None:
-        return None
-    try:
-        # Values from environment variables arrive as strings.
-        converted = kind(value)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"plugin_config.upstream.{name}={value!r} is invalid: use a {kind.__name__}"
-        ) from None
-    if kind in (int, float) and converted < 0:
-        raise ValueError(f"plugin_config.upstream.{name}={value!r} is invalid: use a value >= 0")
-    return converted
 
 
 def request_body(request: GenerationRequest, mode: str, model: str | None) -> dict[str, Any]:
@@ -151,33 +168,17 @@ class UpstreamEngine:
     name = ENGINE
     tokenizer: Any = None
 
-    def __init__(self, options: dict[str, Any]) -> None:
-        options = dict(options or {})
-        unknown = set(options) - set(OPTIONS)
-        if unknown:
-            raise ValueError(
-                f"plugin_config.upstream has unknown options {sorted(unknown)}: use {', '.join(OPTIONS)}"
-            )
-        base_url = str(options.get("base_url") or "").strip().rstrip("/")
-        if not base_url:
-            raise ValueError(
-                "the upstream engine needs plugin_config.upstream.base_url (env "
-                "CHATSTREAM_PLUGIN_CONFIG__UPSTREAM__BASE_URL), e.g. http://vllm:8000"
-            )
-        if not base_url.startswith(("http://", "https://")):
-            raise ValueError(
-                f"plugin_config.upstream.base_url={base_url!r} is invalid: use http://host:port or https://..."
-            )
+    def __init__(self, options: UpstreamOptions | dict[str, Any] | None) -> None:
+        checked = parse_options(UpstreamOptions, options, OPTIONS_PATH)
+        self.options = checked
+        base_url = checked.base_url
         self.base_url = base_url if base_url.endswith("/v1") else f"{base_url}/v1"
-        mode = str(options.get("mode", "completions"))
-        if mode not in MODES:
-            raise ValueError(f"plugin_config.upstream.mode={mode!r} is unknown: use {' or '.join(MODES)}")
-        self.mode: Literal["completions", "chat"] = mode  # type: ignore[assignment]
-        self.api_key: str | None = _option(options, "api_key", str, None)
-        self.model: str | None = _option(options, "model", str, None)
-        self.timeout_s: float = _option(options, "timeout_s", float, 300.0)
-        self.connect_timeout_s: float = _option(options, "connect_timeout_s", float, 5.0)
-        self.max_retries: int = _option(options, "max_retries", int, 3)
+        self.mode: Literal["completions", "chat"] = checked.mode
+        self.api_key: str | None = checked.api_key
+        self.model: str | None = checked.model
+        self.timeout_s: float = checked.timeout_s
+        self.connect_timeout_s: float = checked.connect_timeout_s
+        self.max_retries: int = checked.max_retries
         self._client: httpx.AsyncClient | None = None
 
     @property
@@ -308,4 +309,5 @@ def create_upstream_engine(config: EngineConfig) -> UpstreamEngine:
 
 @hookimpl
 def register_engines(register: Any) -> None:
-    register(ENGINE, create_upstream_engine)
+    """Register the ``upstream`` engine."""
+    register(ENGINE, create_upstream_engine, options=UpstreamOptions)

@@ -9,7 +9,10 @@ import logging
 import secrets
 from typing import TYPE_CHECKING, Any
 
+from pydantic import Field
+
 from chatstream.hookspecs import hookimpl
+from chatstream.options import PluginOptions
 from chatstream.sessions import AbstractRequestHandler, ChatSession
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -19,6 +22,18 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 COOKIE_NAME = "chatstream_session"
+
+
+class SimpleSessionOptions(PluginOptions):
+    """``plugin_config.simple_session``."""
+
+    secret: str | None = Field(
+        None, min_length=1, description="signs the cookie; default: the session_secret setting"
+    )
+    cookie_name: str = Field(
+        COOKIE_NAME, pattern=r"^[A-Za-z0-9_-]+$", description="the session cookie's name"
+    )
+    secure: bool = Field(False, description="send the cookie over HTTPS only")
 
 
 def _sign(secret: bytes, value: str) -> str:
@@ -108,6 +123,6 @@ class SimpleSessionRequestHandler(AbstractRequestHandler):
         )
 
 
-@hookimpl
+@hookimpl(trylast=True)
 def register_request_handlers(register: Any) -> None:
-    register("simple_session", SimpleSessionRequestHandler)
+    register("simple_session", SimpleSessionRequestHandler, options=SimpleSessionOptions)

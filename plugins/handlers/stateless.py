@@ -14,6 +14,7 @@ from starlette.requests import Request
 
 from chatstream.errors import ChatStreamError, check_unicode, field_error
 from chatstream.hookspecs import hookimpl
+from chatstream.options import NoOptions
 from chatstream.sessions import AbstractRequestHandler, ChatSession
 
 MAX_MESSAGES = 1000
@@ -65,6 +66,6 @@ class StatelessRequestHandler(AbstractRequestHandler):
         return None
 
 
-@hookimpl
+@hookimpl(trylast=True)
 def register_request_handlers(register: Any) -> None:
-    register("stateless", StatelessRequestHandler)
+    register("stateless", StatelessRequestHandler, options=NoOptions)

@@ -27,14 +27,30 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, get_args
 
+from pydantic import Field, StrictBool
+
 from chatstream.hookspecs import hookimpl
+from chatstream.options import PluginOptions, parse_options
 from chatstream.types import LogitsProcessor, PenaltyMethod, RowInfo
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 _METHODS: tuple[str, ...] = get_args(PenaltyMethod)
-_OPTION_NAMES = ("include_prompt", "window")
+
+
+class PenaltyOptions(PluginOptions):
+    """``sampling.processors.<repetition|frequency|presence>``."""
+
+    include_prompt: StrictBool | None = Field(
+        None,
+        description="count the prompt's tokens too (default: repetition yes, frequency and presence no)",
+    )
+    window: int | None = Field(
+        None, ge=1, description="count only the last this many tokens (null: the whole history)"
+    )
+
+
 # p ** count overflows float32 after a few hundred repeats; these bounds keep the division rule finite
 # (a logit divided by 1e30 is 0 for every practical purpose) and avoid 0 * inf = nan.
 _MAX_FACTOR = 1e30
@@ -174,8 +190,13 @@ class _PenaltyProcessor:
             _check_penalty(self.name, value, row_method)
         if prompt_lens is not None and any(not isinstance(n, int) or n < 0 for n in prompt_lens):
             raise ValueError(f"prompt_lens must be integers >= 0, got {list(prompt_lens)}")
-        include = self.default_include_prompt if include_prompt is None else include_prompt
-        _check_options(self.name, {"include_prompt": include, "window": window})
+        options = parse_options(
+            PenaltyOptions,
+            {"include_prompt": include_prompt, "window": window},
+            f"sampling.processors.{self.name}",
+        )
+        include = self.default_include_prompt if options.include_prompt is None else options.include_prompt
+        window = options.window
         # A scalar penalty serves any batch size (model.generate); per-row lists fix it.
         self._per_row = rows is not None
         self._counter = _TokenCounts(prompt_lens, include, window)
@@ -297,31 +318,11 @@ class FrequencyPenaltyProcessor(_PenaltyProcessor):
         return scores - counts.to(scores.dtype) * amount.to(scores.dtype)
 
 
-def _check_options(name: str, options: dict[str, Any]) -> None:
-    unknown = sorted(set(options) - set(_OPTION_NAMES))
-    if unknown:
-        raise ValueError(
-            f"sampling.processors.{name} has unknown option(s) {', '.join(map(repr, unknown))}; "
-            f"known: {', '.join(_OPTION_NAMES)}"
-        )
-    include = options.get("include_prompt")
-    if include is not None and not isinstance(include, bool):
-        raise ValueError(
-            f"sampling.processors.{name}.include_prompt={include!r} is invalid: use true or false"
-        )
-    window = options.get("window")
-    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
-        raise ValueError(
-            f"sampling.processors.{name}.window={window!r} is invalid: use a whole number of tokens >= 1, "
-            "or leave it unset to count the whole history"
-        )
-
-
 def _factory(cls: type[_PenaltyProcessor]) -> Any:
     name = cls.name
 
-    def factory(rows: Sequence[RowInfo], options: dict[str, Any]) -> LogitsProcessor | None:
-        _check_options(name, options)
+    def factory(rows: Sequence[RowInfo], options: PenaltyOptions | dict[str, Any]) -> LogitsProcessor | None:
+        chosen = parse_options(PenaltyOptions, options, f"sampling.processors.{name}")
         penalties = [getattr(row.params, f"{name}_penalty") for row in rows]
         methods = [getattr(row.params, f"{name}_penalty_method") for row in rows]
         if all(_is_neutral(value, method) for value, method in zip(penalties, methods, strict=True)):
@@ -330,8 +331,8 @@ def _factory(cls: type[_PenaltyProcessor]) -> Any:
             penalties,
             methods,
             prompt_lens=[row.prompt_len for row in rows],
-            include_prompt=options.get("include_prompt"),
-            window=options.get("window"),
+            include_prompt=chosen.include_prompt,
+            window=chosen.window,
         )
 
     factory.__name__ = f"{name}_penalty_factory"
@@ -344,9 +345,9 @@ frequency_factory = _factory(FrequencyPenaltyProcessor)
 presence_factory = _factory(PresencePenaltyProcessor)
 
 
-@hookimpl
+@hookimpl(trylast=True)
 def register_logits_processors(register: Any) -> None:
     """Contribute the ``repetition``, ``frequency`` and ``presence`` penalties."""
-    register("repetition", repetition_factory)
-    register("frequency", frequency_factory)
-    register("presence", presence_factory)
+    register("repetition", repetition_factory, options=PenaltyOptions)
+    register("frequency", frequency_factory, options=PenaltyOptions)
+    register("presence", presence_factory, options=PenaltyOptions)

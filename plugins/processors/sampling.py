@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from chatstream.hookspecs import hookimpl
+from chatstream.options import NoOptions, parse_options
 from chatstream.types import LogitsProcessor, RowInfo
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -159,17 +160,11 @@ class MinPProcessor:
         return scores.masked_fill(scores.float() < threshold, -math.inf)
 
 
-def _check_no_options(name: str, options: dict[str, Any]) -> None:
-    if options:
-        raise ValueError(
-            f"processor {name!r} takes no options, got {', '.join(map(repr, sorted(options)))}: "
-            f"remove sampling.processors.{name}"
-        )
-
-
-def temperature_factory(rows: Sequence[RowInfo], options: dict[str, Any]) -> LogitsProcessor | None:
+def temperature_factory(
+    rows: Sequence[RowInfo], options: NoOptions | dict[str, Any]
+) -> LogitsProcessor | None:
     """One ``TemperatureProcessor`` for the batch, or None when every row is greedy or at 1."""
-    _check_no_options("temperature", options)
+    parse_options(NoOptions, options, "sampling.processors.temperature")
     # Greedy rows (temperature 0, or so small that dividing would overflow) keep their logits.
     values = [1.0 if row.params.greedy else row.params.temperature for row in rows]
     if all(t == 1.0 for t in values):
@@ -177,31 +172,31 @@ def temperature_factory(rows: Sequence[RowInfo], options: dict[str, Any]) -> Log
     return TemperatureProcessor(values)
 
 
-def top_k_factory(rows: Sequence[RowInfo], options: dict[str, Any]) -> LogitsProcessor | None:
+def top_k_factory(rows: Sequence[RowInfo], options: NoOptions | dict[str, Any]) -> LogitsProcessor | None:
     """One ``TopKProcessor`` for the batch, or None when no sampled row sets ``top_k``."""
-    _check_no_options("top_k", options)
+    parse_options(NoOptions, options, "sampling.processors.top_k")
     values = [0 if row.params.greedy else row.params.top_k for row in rows]
     return TopKProcessor(values) if any(values) else None
 
 
-def top_p_factory(rows: Sequence[RowInfo], options: dict[str, Any]) -> LogitsProcessor | None:
+def top_p_factory(rows: Sequence[RowInfo], options: NoOptions | dict[str, Any]) -> LogitsProcessor | None:
     """One ``TopPProcessor`` for the batch, or None when no sampled row sets ``top_p`` below 1."""
-    _check_no_options("top_p", options)
+    parse_options(NoOptions, options, "sampling.processors.top_p")
     values = [1.0 if row.params.greedy else row.params.top_p for row in rows]
     return TopPProcessor(values) if any(v < 1 for v in values) else None
 
 
-def min_p_factory(rows: Sequence[RowInfo], options: dict[str, Any]) -> LogitsProcessor | None:
+def min_p_factory(rows: Sequence[RowInfo], options: NoOptions | dict[str, Any]) -> LogitsProcessor | None:
     """One ``MinPProcessor`` for the batch, or None when no sampled row sets ``min_p``."""
-    _check_no_options("min_p", options)
+    parse_options(NoOptions, options, "sampling.processors.min_p")
     values = [0.0 if row.params.greedy else row.params.min_p for row in rows]
     return MinPProcessor(values) if any(values) else None
 
 
-@hookimpl
+@hookimpl(trylast=True)
 def register_logits_processors(register: Any) -> None:
     """Contribute ``temperature``, ``top_k``, ``top_p`` and ``min_p``."""
-    register("temperature", temperature_factory)
-    register("top_k", top_k_factory)
-    register("top_p", top_p_factory)
-    register("min_p", min_p_factory)
+    register("temperature", temperature_factory, options=NoOptions)
+    register("top_k", top_k_factory, options=NoOptions)
+    register("top_p", top_p_factory, options=NoOptions)
+    register("min_p", min_p_factory, options=NoOptions)

@@ -79,7 +79,7 @@ def _add_special_tokens(tokenizer: Any) -> bool | None:
     return False if bos in probe else None
 
 
-@hookimpl
+@hookimpl(trylast=True)
 def register_prompt_formats(register: Callable[..., None]) -> None:
     register(
         "hf",

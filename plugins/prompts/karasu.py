@@ -51,7 +51,7 @@ class KarasuChatPrompt(AbstractChatPrompt):
         return parts
 
 
-@hookimpl
+@hookimpl(trylast=True)
 def register_prompt_formats(register: Callable[..., None]) -> None:
     register(
         "karasu",

@@ -61,7 +61,7 @@ class Llama2ChatPrompt(AbstractChatPrompt):
         return parts
 
 
-@hookimpl
+@hookimpl(trylast=True)
 def register_prompt_formats(register: Callable[..., None]) -> None:
     register(
         "llama2",

@@ -1,7 +1,7 @@
 """Llama 3 Instruct: ``<|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>`` blocks.
 
 Matches the ``chat_template`` of meta-llama/Meta-Llama-3-8B-Instruct (also 70B). Llama 3.1 and
-later differ (a dated system block is always written): they use their tokenizer's template (``hf``).
+later differ (a dated system block is always written): they have their own format, ``llama3.1``.
 """
 
 from __future__ import annotations
@@ -35,9 +35,10 @@ class Llama3ChatPrompt(AbstractChatPrompt):
         return parts
 
 
-@hookimpl
+@hookimpl(trylast=True)
 def register_prompt_formats(register: Callable[..., None]) -> None:
-    # "Llama-3-" followed by a size: Llama 3.1/3.2/3.3 ids have a dot after the 3 and do not match.
+    # "Llama-3-" followed by a size: Llama 3.1/3.2/3.3 ids have a dot after the 3 and do not match
+    # (they are the llama3.1 format's).
     register(
         "llama3",
         Llama3ChatPrompt,

@@ -47,7 +47,7 @@ class NekomataInstructionPrompt(AbstractChatPrompt):
         return parts
 
 
-@hookimpl
+@hookimpl(trylast=True)
 def register_prompt_formats(register: Callable[..., None]) -> None:
     register(
         "nekomata",

@@ -55,7 +55,7 @@ class RakutenAIChatPrompt(AbstractChatPrompt):
         return parts
 
 
-@hookimpl
+@hookimpl(trylast=True)
 def register_prompt_formats(register: Callable[..., None]) -> None:
     register(
         "rakutenai",

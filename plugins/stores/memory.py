@@ -8,7 +8,21 @@ import copy
 import time
 from typing import Any
 
+from pydantic import Field
+
 from chatstream.hookspecs import hookimpl
+from chatstream.options import PluginOptions, parse_options
+
+OPTIONS_PATH = "plugin_config.memory"
+
+
+class MemoryStoreOptions(PluginOptions):
+    """``plugin_config.memory``."""
+
+    ttl_s: float = Field(3600.0, gt=0, description="seconds after its last use a session expires")
+    max_sessions: int = Field(
+        10_000, ge=1, description="sessions kept; beyond it the least recently used new one is evicted"
+    )
 
 
 class MemorySessionStore:
@@ -24,12 +38,11 @@ class MemorySessionStore:
     """
 
     def __init__(self, ttl_s: float = 3600.0, max_sessions: int = 10_000) -> None:
-        if ttl_s <= 0:
-            raise ValueError(f"memory store ttl_s={ttl_s}: must be > 0 seconds")
-        if max_sessions < 1:
-            raise ValueError(f"memory store max_sessions={max_sessions}: must be at least 1")
-        self.ttl_s = ttl_s
-        self.max_sessions = max_sessions
+        options = parse_options(
+            MemoryStoreOptions, {"ttl_s": ttl_s, "max_sessions": max_sessions}, OPTIONS_PATH
+        )
+        self.ttl_s = options.ttl_s
+        self.max_sessions = options.max_sessions
         # Each segment in least recently used order: (last use, record).
         self._probation: collections.OrderedDict[str, tuple[float, dict[str, Any]]] = (
             collections.OrderedDict()
@@ -80,15 +93,11 @@ class MemorySessionStore:
         return None
 
 
-def create_memory_store(options: dict[str, Any]) -> MemorySessionStore:
-    """Store factory; options ``ttl_s`` and ``max_sessions`` (``plugin_config.memory``)."""
-    known = {"ttl_s", "max_sessions"}
-    unknown = set(options) - known
-    if unknown:
-        raise ValueError(f"memory store: unknown options {sorted(unknown)}; known: {sorted(known)}")
-    return MemorySessionStore(**options)
+def create_memory_store(options: MemoryStoreOptions | dict[str, Any]) -> MemorySessionStore:
+    """Store factory (``plugin_config.memory``)."""
+    return MemorySessionStore(**dict(parse_options(MemoryStoreOptions, options, OPTIONS_PATH)))
 
 
-@hookimpl
+@hookimpl(trylast=True)
 def register_session_stores(register: Any) -> None:
-    register("memory", create_memory_store)
+    register("memory", create_memory_store, options=MemoryStoreOptions)

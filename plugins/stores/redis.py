@@ -6,7 +6,10 @@ import json
 import urllib.parse
 from typing import TYPE_CHECKING, Any
 
+from pydantic import Field
+
 from chatstream.hookspecs import hookimpl
+from chatstream.options import PluginOptions, parse_options
 
 if TYPE_CHECKING:  # pragma: no cover
     import redis.asyncio
@@ -36,8 +39,18 @@ def redact_url(url: str) -> str:
         return "<unparsable url>"
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+OPTIONS_PATH = "plugin_config.redis"
+
+
+class RedisStoreOptions(PluginOptions):
+    """``plugin_config.redis``."""
+
+    url: str = Field(DEFAULT_URL, min_length=1, description="the Redis server, e.g. redis://host:6379/0")
+    ttl_s: float | None = Field(
+        DEFAULT_TTL_S, ge=0.001, description="seconds after its last use a session expires (null: never)"
+    )
+    prefix: str = Field(DEFAULT_PREFIX, description="key prefix, so several apps can share one Redis")
+    timeout_s: float = Field(5.0, gt=0, description="how long one Redis call may take")
 
 
 class RedisSessionStore:
@@ -57,25 +70,15 @@ class RedisSessionStore:
         prefix: str = DEFAULT_PREFIX,
         timeout_s: float = 5.0,
     ) -> None:
-        if not isinstance(url, str) or not url:
-            raise ValueError(
-                f"redis store url={url!r}: must be a URL like {DEFAULT_URL!r} (plugin_config.redis.url)"
-            )
-        if ttl_s is not None and not (_is_number(ttl_s) and ttl_s >= 0.001):
-            raise ValueError(
-                f"redis store ttl_s={ttl_s!r}: must be at least 0.001 seconds, "
-                "or null to keep sessions forever (plugin_config.redis.ttl_s)"
-            )
-        if not isinstance(prefix, str):
-            raise ValueError(f"redis store prefix={prefix!r}: must be a string (plugin_config.redis.prefix)")
-        if not (_is_number(timeout_s) and timeout_s > 0):
-            raise ValueError(
-                f"redis store timeout_s={timeout_s!r}: must be > 0 seconds (plugin_config.redis.timeout_s)"
-            )
-        self.url = url
-        self.ttl_s = ttl_s
-        self.prefix = prefix
-        self.timeout_s = timeout_s
+        options = parse_options(
+            RedisStoreOptions,
+            {"url": url, "ttl_s": ttl_s, "prefix": prefix, "timeout_s": timeout_s},
+            OPTIONS_PATH,
+        )
+        self.url = options.url
+        self.ttl_s = options.ttl_s
+        self.prefix = options.prefix
+        self.timeout_s = options.timeout_s
         self._client: redis.asyncio.Redis | None = None
         self._errors: tuple[type[BaseException], ...] = ()
         self._client = self._new_client()  # checks the URL now; connects on first use
@@ -176,17 +179,11 @@ class RedisSessionStore:
             await client.aclose()
 
 
-def create_redis_store(options: dict[str, Any]) -> RedisSessionStore:
-    """Store factory; options ``url``, ``ttl_s``, ``prefix`` and ``timeout_s`` (``plugin_config.redis``)."""
-    known = {"url", "ttl_s", "prefix", "timeout_s"}
-    unknown = set(options) - known
-    if unknown:
-        raise ValueError(
-            f"redis store: unknown options {sorted(unknown)} in plugin_config.redis; known: {sorted(known)}"
-        )
-    return RedisSessionStore(**options)
+def create_redis_store(options: RedisStoreOptions | dict[str, Any]) -> RedisSessionStore:
+    """Store factory (``plugin_config.redis``)."""
+    return RedisSessionStore(**dict(parse_options(RedisStoreOptions, options, OPTIONS_PATH)))
 
 
-@hookimpl
+@hookimpl(trylast=True)
 def register_session_stores(register: Any) -> None:
-    register("redis", create_redis_store)
+    register("redis", create_redis_store, options=RedisStoreOptions)

@@ -12,7 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pydantic import Field, field_validator
+
 from chatstream.hookspecs import hookimpl
+from chatstream.options import PluginOptions, parse_options
 
 T = TypeVar("T")
 
@@ -30,8 +33,24 @@ CREATE INDEX IF NOT EXISTS chatstream_sessions_expires_at ON chatstream_sessions
 """
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+OPTIONS_PATH = "plugin_config.sqlite"
+
+
+class SQLiteStoreOptions(PluginOptions):
+    """``plugin_config.sqlite``."""
+
+    path: Path = Field(Path(DEFAULT_PATH), description="the database file (created when missing)")
+    ttl_s: float | None = Field(
+        DEFAULT_TTL_S, gt=0, description="seconds after its last use a session expires (null: never)"
+    )
+    timeout_s: float = Field(10.0, gt=0, description="how long a writer waits for another process's lock")
+
+    @field_validator("path")
+    @classmethod
+    def _a_file(cls, value: Path) -> Path:
+        if not str(value) or str(value) == ".":
+            raise ValueError("must be a file path")
+        return value.expanduser()
 
 
 class SQLiteSessionStore:
@@ -52,20 +71,12 @@ class SQLiteSessionStore:
         ttl_s: float | None = DEFAULT_TTL_S,
         timeout_s: float = 10.0,
     ) -> None:
-        if ttl_s is not None and not (_is_number(ttl_s) and ttl_s > 0):
-            raise ValueError(
-                f"sqlite store ttl_s={ttl_s}: must be > 0 seconds, or null to keep sessions forever "
-                "(set plugin_config.sqlite.ttl_s)"
-            )
-        if not (_is_number(timeout_s) and timeout_s > 0):
-            raise ValueError(
-                f"sqlite store timeout_s={timeout_s}: must be > 0 seconds (plugin_config.sqlite.timeout_s)"
-            )
-        if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
-            raise ValueError(f"sqlite store path={path!r}: must be a file path (plugin_config.sqlite.path)")
-        self.path = Path(path).expanduser()
-        self.ttl_s = ttl_s
-        self.timeout_s = timeout_s
+        options = parse_options(
+            SQLiteStoreOptions, {"path": path, "ttl_s": ttl_s, "timeout_s": timeout_s}, OPTIONS_PATH
+        )
+        self.path = options.path
+        self.ttl_s = options.ttl_s
+        self.timeout_s = options.timeout_s
         self._conn: sqlite3.Connection | None = None
         self._conn_pid = 0
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -240,17 +251,11 @@ class SQLiteSessionStore:
             self._executor = None
 
 
-def create_sqlite_store(options: dict[str, Any]) -> SQLiteSessionStore:
-    """Store factory; options ``path``, ``ttl_s`` and ``timeout_s`` (``plugin_config.sqlite``)."""
-    known = {"path", "ttl_s", "timeout_s"}
-    unknown = set(options) - known
-    if unknown:
-        raise ValueError(
-            f"sqlite store: unknown options {sorted(unknown)} in plugin_config.sqlite; known: {sorted(known)}"
-        )
-    return SQLiteSessionStore(**options)
+def create_sqlite_store(options: SQLiteStoreOptions | dict[str, Any]) -> SQLiteSessionStore:
+    """Store factory (``plugin_config.sqlite``)."""
+    return SQLiteSessionStore(**dict(parse_options(SQLiteStoreOptions, options, OPTIONS_PATH)))
 
 
-@hookimpl
+@hookimpl(trylast=True)
 def register_session_stores(register: Any) -> None:
-    register("sqlite", create_sqlite_store)
+    register("sqlite", create_sqlite_store, options=SQLiteStoreOptions)

@@ -19,10 +19,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from starlette.requests import ClientDisconnect
 
 from chatstream.access import AccessDenied, AccessPolicy, presented_key
+from chatstream.chat_stream_http import answer_chat_stream
 from chatstream.chatstream import ChatStream, ChatStreamError, ChatStreamRequestBody
 from chatstream.errors import field_error
-from chatstream.hookspecs import hookimpl
-from chatstream.plugins.transports.chat_stream_http import answer_chat_stream
+from chatstream.hookspecs import Feedback, hookimpl
+from chatstream.http import client_left, json_body
+from chatstream.options import PluginOptions, parse_options
 from chatstream.prompt import AbstractChatPrompt
 from chatstream.sessions import ChatSession
 from chatstream.types import GenerationParams
@@ -60,12 +62,6 @@ async def parse_body(request: Request, model: type[M], max_bytes: int = MAX_BODY
         return model.model_validate(data)
     except ValidationError as exc:
         raise field_error(exc) from None
-
-
-def client_left(cs: ChatStream, endpoint: str) -> Response:
-    """A client that left while sending its request: one log line, no traceback."""
-    cs.logger.info("%s: the client left before its request was read", endpoint)
-    return Response(status_code=499)  # nobody reads it; the status marks it in access logs
 
 
 def respond(cs: ChatStream, session: ChatSession, body: Any, status: int = 200) -> Response:
@@ -157,10 +153,10 @@ async def set_feedback(cs: ChatStream, request: Request) -> Response:
     del upto.get_contents()[index:]
     if contents[index].role == prompt.responder:
         upto.add_responder_msg(None)  # the prompt that produced this answer
-    feedback = {
+    feedback: Feedback = {
         "message_id": body.message_id,
         "type": body.type,
-        "message": contents[index].message,
+        "message": contents[index].message or "",
         "prompt": rendered_or_none(upto),
         "generation_params": cs.generation_params(session).model_dump(),
         "data": body.data or {},
@@ -214,25 +210,6 @@ _ParamsBody: type[BaseModel] = create_model(
 )
 
 
-def json_body(model: type[BaseModel], required: bool = True) -> dict[str, Any]:
-    """An OpenAPI ``requestBody`` for a JSON body parsed by hand with ``model``."""
-    schema = model.model_json_schema()
-    definitions = schema.pop("$defs", {})
-
-    def inline(node: Any) -> Any:  # the bodies' nested models are not recursive
-        if isinstance(node, dict):
-            ref = node.get("$ref")
-            if isinstance(ref, str) and ref.startswith("#/$defs/"):
-                return inline(definitions[ref.removeprefix("#/$defs/")])
-            return {key: inline(value) for key, value in node.items()}
-        if isinstance(node, list):
-            return [inline(value) for value in node]
-        return node
-
-    schema = inline(schema)
-    return {"requestBody": {"required": required, "content": {"application/json": {"schema": schema}}}}
-
-
 # What the OpenAPI schema says about the bodies and query parameters the endpoints read by hand.
 OPENAPI: dict[str, dict[str, Any]] = {
     "chat_stream": {
@@ -264,29 +241,38 @@ ENDPOINTS: dict[str, tuple[str, Endpoint]] = {
 }
 
 
-def selected_endpoints(options: dict[str, Any] | None) -> list[str]:
+EndpointName = Literal[
+    "chat_stream",
+    "clear_context",
+    "get_prompt",
+    "set_generation_params",
+    "get_generation_params",
+    "set_feedback",
+    "get_load",
+    "get_resource_usage",
+]
+
+
+class EndpointOptions(PluginOptions):
+    """``plugin_config.fastapi`` (and ``append_apis(app, opts)``): which endpoints to mount."""
+
+    all: bool = Field(True, description="mount every endpoint (unless include or exclude says otherwise)")
+    include: list[EndpointName] | None = Field(None, description="mount only these endpoints")
+    exclude: list[EndpointName] | None = Field(None, description="mount every endpoint but these")
+
+
+def selected_endpoints(options: EndpointOptions | dict[str, Any] | None) -> list[str]:
     """Endpoint names chosen by ``{"all": True}``, ``{"include": [...]}`` or ``{"exclude": [...]}``."""
-    options = dict(options or {"all": True})
-    unknown_keys = set(options) - {"all", "include", "exclude"}
-    if unknown_keys:
-        raise ValueError(
-            f"append_apis options {sorted(unknown_keys)} are unknown: use all, include or exclude"
-        )
+    chosen = parse_options(EndpointOptions, options, "plugin_config.fastapi")
     names = list(ENDPOINTS)
-    for key in ("include", "exclude"):
-        unknown = set(options.get(key) or ()) - set(names)
-        if unknown:
-            raise ValueError(
-                f"append_apis {key}: unknown endpoints {sorted(unknown)}; known: {', '.join(names)}"
-            )
-    if options.get("include") is not None:
-        names = [name for name in names if name in options["include"]]
-    elif not options.get("all", True) and options.get("exclude") is None:
+    if chosen.include is not None:
+        names = [name for name in names if name in chosen.include]
+    elif not chosen.all and chosen.exclude is None:
         names = []
-    return [name for name in names if name not in set(options.get("exclude") or ())]
+    return [name for name in names if name not in set(chosen.exclude or ())]
 
 
-def install(app: FastAPI, cs: ChatStream, options: dict[str, Any] | None = None) -> None:
+def install(app: FastAPI, cs: ChatStream, options: EndpointOptions | dict[str, Any] | None = None) -> None:
     """Mount the selected endpoints of ``cs`` on ``app``, each behind the role check."""
     policy = AccessPolicy(cs.settings)
 
@@ -317,6 +303,6 @@ def install(app: FastAPI, cs: ChatStream, options: dict[str, Any] | None = None)
         )
 
 
-@hookimpl
+@hookimpl(trylast=True)
 def register_transports(register: Any) -> None:
-    register("fastapi", install)
+    register("fastapi", install, options=EndpointOptions)

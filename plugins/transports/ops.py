@@ -6,25 +6,17 @@
   503 ``{"status": "loading"}`` while the model loads and ``{"status": "draining"}`` during shutdown.
 - ``GET /metrics``: Prometheus text format (one registry per ``ChatStream``). Open by default, as
   scrapers rarely send keys; with option ``protect_metrics = true`` it needs a role allowed ``metrics``.
-- Every HTTP response carries ``X-Request-Id`` (the client's, when it sent a valid one, else a new
-  one); log records written while the request runs carry it as ``request_id``.
 
-Plugin option (``plugin_config.ops``): ``protect_metrics`` (bool). The log format and the shutdown
-grace period are the core settings ``log_format`` and ``shutdown_grace_s``.
+Plugin option (``plugin_config.ops``): ``protect_metrics`` (bool). Request ids (``X-Request-Id``),
+the log format and the shutdown grace period are core's (``core/logs.py``, ``shutdown_grace_s``).
 """
 
 from __future__ import annotations
 
-import contextvars
-import datetime
-import json
 import logging
-import re
-import sys
-import uuid
 import weakref
 from collections.abc import Iterator
-from typing import IO, Any
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -32,136 +24,16 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessColl
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
-from starlette.datastructures import MutableHeaders
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from pydantic import Field, StrictBool
 
 from chatstream.access import AccessDenied, AccessPolicy, presented_key
 from chatstream.chatstream import ChatStream
 from chatstream.hookspecs import hookimpl
-from chatstream.settings import SettingsError
+from chatstream.options import PluginOptions, parse_options
 
 OPS_PATHS = ("/health", "/ready", "/metrics")
-OPTION_NAMES = ("protect_metrics",)
-LOG_FORMATS = ("text", "json")
-
-# The id of the HTTP request being handled, for log records and for code that wants to pass it on.
-request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
-
-# A client's id is echoed only if it is short and plain, so it cannot forge log lines or headers.
-_VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
 
 log = logging.getLogger("chatstream.requests")
-
-
-# -- options ------------------------------------------------------------------------------------------
-def _as_bool(name: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise SettingsError(f"plugin_config.ops.{name}={value!r}: use true or false")
-
-
-# -- request ids and logging --------------------------------------------------------------------------
-class RequestIdMiddleware:
-    """Pure ASGI: gives each HTTP request an id (``X-Request-Id``) without touching the body stream."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        request_id = _incoming_request_id(scope) or uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                MutableHeaders(scope=message)["X-Request-Id"] = request_id
-            await send(message)
-
-        token = request_id_var.set(request_id)
-        try:
-            await self.app(scope, receive, send_with_id)
-        finally:
-            request_id_var.reset(token)
-
-
-def _incoming_request_id(scope: Scope) -> str | None:
-    for name, value in scope.get("headers", ()):
-        if name == b"x-request-id":
-            text = value.decode("latin-1").strip()
-            return text if _VALID_REQUEST_ID.fullmatch(text) else None
-    return None
-
-
-class RequestIdFilter(logging.Filter):
-    """Adds ``request_id`` (None outside a request) to every record a handler writes."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if getattr(record, "request_id", None) is None:
-            record.request_id = request_id_var.get()
-        return True
-
-
-# Attributes every LogRecord has; anything else was passed with ``extra=`` and is worth writing.
-_RECORD_ATTRS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "color_message"}
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time (UTC, ISO 8601), level, logger, message, request_id, extras."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "time": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc).isoformat(
-                timespec="milliseconds"
-            ),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        request_id = getattr(record, "request_id", None)
-        if request_id is not None:
-            entry["request_id"] = request_id
-        for key, value in vars(record).items():
-            if key not in _RECORD_ATTRS and key != "request_id" and key not in entry:
-                entry[key] = value
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        elif record.stack_info:
-            entry["stack"] = self.formatStack(record.stack_info)
-        return json.dumps(entry, ensure_ascii=False, default=str)
-
-
-def make_log_handler(log_format: str, stream: IO[str] | None = None) -> logging.Handler:
-    """A stream handler writing ``text`` or ``json`` records, with the request id filter."""
-    if log_format not in LOG_FORMATS:
-        raise SettingsError(f"log_format={log_format!r}: use text or json")
-    handler = logging.StreamHandler(stream or sys.stderr)
-    handler.addFilter(RequestIdFilter())
-    if log_format == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    return handler
-
-
-def configure_logging(level: str, log_format: str, stream: IO[str] | None = None) -> logging.Handler:
-    """Send every log record (uvicorn's too, when it is not given its own config) to one handler.
-
-    Replaces the root logger's handlers, so calling it twice does not double the lines.
-    """
-    handler = make_log_handler(log_format, stream)
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
-    root.addHandler(handler)
-    root.setLevel(level.upper())
-    return handler
 
 
 # -- metrics ------------------------------------------------------------------------------------------
@@ -204,6 +76,14 @@ class ChatStreamMetrics:
             ["transport"],
             registry=self.registry,
         )
+        self.prompt_tokens = Counter(
+            "chatstream_prompt_tokens",
+            "Prompt tokens: computed (prefilled) or reused from the prefix cache of an earlier turn.",
+            ["kind"],
+            registry=self.registry,
+        )
+        for kind in ("computed", "reused"):
+            self.prompt_tokens.labels(kind=kind)  # both series exist from the start
         self.ttft = Histogram(
             "chatstream_time_to_first_token_seconds",
             "From receiving a request to its first generated token (queueing included).",
@@ -236,6 +116,11 @@ class ChatStreamMetrics:
         tokens = int(info.get("tokens") or 0)
         if tokens:
             self.tokens.labels(transport=transport).inc(tokens)
+        prompt = info.get("prompt_tokens")
+        if prompt is not None:
+            reused = min(int(info.get("cached_tokens") or 0), int(prompt))
+            self.prompt_tokens.labels(kind="computed").inc(int(prompt) - reused)
+            self.prompt_tokens.labels(kind="reused").inc(reused)
         ttft = info.get("ttft_s")
         duration = info.get("duration_s")
         if ttft is not None:
@@ -278,15 +163,17 @@ def _start_failure(request: Request) -> BaseException | None:
     return error
 
 
-def install(app: FastAPI, cs: ChatStream, options: dict[str, Any] | None = None) -> None:
+class OpsOptions(PluginOptions):
+    """``plugin_config.ops``."""
+
+    protect_metrics: StrictBool = Field(
+        False, description="/metrics needs a role allowed 'metrics' (scrapers then send X-API-Key)"
+    )
+
+
+def install(app: FastAPI, cs: ChatStream, options: OpsOptions | dict[str, Any] | None = None) -> None:
     """Mount /health, /ready and /metrics and the request id middleware on ``app``."""
-    options = dict(options or {})
-    unknown = set(options) - set(OPTION_NAMES)
-    if unknown:
-        raise ValueError(
-            f"ops transport options {sorted(unknown)} are unknown: use {', '.join(OPTION_NAMES)}"
-        )
-    protect_metrics = _as_bool("protect_metrics", options.get("protect_metrics", False))
+    protect_metrics = parse_options(OpsOptions, options, "plugin_config.ops").protect_metrics
     metrics = metrics_of(cs)
     policy = AccessPolicy(cs.settings)
 
@@ -328,13 +215,12 @@ def install(app: FastAPI, cs: ChatStream, options: dict[str, Any] | None = None)
     open_paths = getattr(app.state, "open_paths", None)
     if isinstance(open_paths, set):
         open_paths.update(OPS_PATHS)
-    app.add_middleware(RequestIdMiddleware)
 
 
 # -- hooks --------------------------------------------------------------------------------------------
-@hookimpl
+@hookimpl(trylast=True)
 def register_transports(register: Any) -> None:
-    register("ops", install)
+    register("ops", install, options=OpsOptions)
 
 
 @hookimpl

@@ -17,13 +17,23 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
+from pydantic import Field
 
+from chatstream.app import install_transports
 from chatstream.chatstream import ChatStream
 from chatstream.hookspecs import hookimpl
+from chatstream.options import PluginOptions, parse_options
+from chatstream.settings import SettingsError
 
 STATIC_DIR = Path(__file__).with_name("static")
 STATIC_PATH = "/webui-static"
-OPTIONS = ("title",)
+
+
+class WebUIOptions(PluginOptions):
+    """``plugin_config.webui``."""
+
+    title: str = Field("chatstream", min_length=1, pattern=r"\S", description="the page title")
+
 
 # The page loads only its own files and talks only to its own origin.
 SECURITY_HEADERS = {
@@ -43,16 +53,9 @@ def render_page(title: str = "chatstream") -> str:
     return template.replace("{{title}}", html.escape(title))
 
 
-def install(app: FastAPI, cs: ChatStream, options: dict[str, Any] | None = None) -> None:
+def install(app: FastAPI, cs: ChatStream, options: WebUIOptions | dict[str, Any] | None = None) -> None:
     """Serve the chat page at ``/`` and its files under ``/webui-static/``; mount the API if needed."""
-    options = dict(options or {})
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise ValueError(f"webui options {unknown} are unknown: use {', '.join(OPTIONS)}")
-    title = options.get("title", "chatstream")
-    if not isinstance(title, str) or not title.strip():
-        raise ValueError(f"webui option title={title!r} must be a non-empty string")
-    page = render_page(title)
+    page = render_page(parse_options(WebUIOptions, options, "plugin_config.webui").title)
 
     async def index() -> HTMLResponse:
         """The web chat page."""
@@ -64,11 +67,16 @@ def install(app: FastAPI, cs: ChatStream, options: dict[str, Any] | None = None)
     # The page is useless without the chat API; mount it unless the fastapi transport will.
     has_api = any(getattr(route, "path", None) == "/chat_stream" for route in app.routes)
     if not has_api and "fastapi" not in cs.settings.transports:
-        from chatstream.plugins.transports import fastapi as api
+        transports = cs.contributions("transports")
+        if "fastapi" not in transports:
+            raise SettingsError(
+                "the webui transport chats through the fastapi transport's /chat_stream, and no plugin "
+                "provides a 'fastapi' transport (is chatstream.plugins.transports.fastapi in "
+                "block_plugins?): unblock it, or remove webui from the transports setting"
+            )
+        install_transports(app, cs, ["fastapi"])
 
-        api.install(app, cs, cs.settings.plugin_options("fastapi") or None)
 
-
-@hookimpl
+@hookimpl(trylast=True)
 def register_transports(register: Any) -> None:
-    register("webui", install)
+    register("webui", install, options=WebUIOptions)

@@ -14,10 +14,12 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import Field
 
 from chatstream.chatstream import ChatStream, GenerationStats
 from chatstream.errors import ChatStreamError, ClientDisconnected
-from chatstream.plugins.transports.openai_protocol import (
+from chatstream.options import PluginOptions
+from chatstream.plugins.transports.openai.protocol import (
     CHAT_NAMES,
     TEXT_NAMES,
     ChatCompletionRequest,
@@ -36,6 +38,18 @@ from chatstream.types import GenerationParams, GenerationRequest
 B = TypeVar("B", ChatCompletionRequest, CompletionRequest)
 TRANSPORT = "openai"
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+
+
+class OpenAIOptions(PluginOptions):
+    """``plugin_config.openai``."""
+
+    model_id: str | None = Field(
+        None,
+        description="the model name the API reports (default: the model setting, mock, or the model's name)",
+    )
+    max_body_bytes: int = Field(
+        DEFAULT_MAX_BODY_BYTES, ge=1024, description="the largest request body accepted"
+    )
 
 
 # -- conversation and parameters -------------------------------------------------------------------
@@ -100,10 +114,10 @@ def _names(body: ChatCompletionRequest | CompletionRequest) -> dict[str, str]:
     return names
 
 
-def served_model_id(cs: ChatStream, options: dict[str, Any]) -> str:
+def served_model_id(cs: ChatStream, options: OpenAIOptions) -> str:
     """The model name this server reports and echoes."""
-    if options.get("model_id"):
-        return str(options["model_id"])
+    if options.model_id:
+        return options.model_id
     if cs.settings.model:
         return cs.settings.model
     if cs.settings.use_mock_response or cs.engine.name == "mock":
@@ -123,10 +137,18 @@ def _finish_reason(stats: GenerationStats) -> str:
     return "length" if stats.finish_reason == "length" else "stop"
 
 
-def _usage(prompt_tokens: int | None, stats: GenerationStats) -> dict[str, int]:
-    # An engine that cannot count (None) reports 0 prompt tokens rather than breaking clients.
-    prompt = prompt_tokens or 0
-    return {"prompt_tokens": prompt, "completion_tokens": stats.tokens, "total_tokens": prompt + stats.tokens}
+def _usage(prompt_tokens: int | None, stats: GenerationStats) -> dict[str, Any]:
+    """OpenAI's ``usage``: token counts, and the prompt tokens served from the prefix cache
+    (``prompt_tokens_details.cached_tokens``) when the engine says."""
+    prompt = prompt_tokens or stats.prompt_tokens or 0
+    usage: dict[str, Any] = {
+        "prompt_tokens": prompt,
+        "completion_tokens": stats.tokens,
+        "total_tokens": prompt + stats.tokens,
+    }
+    if stats.cached_tokens is not None:
+        usage["prompt_tokens_details"] = {"cached_tokens": stats.cached_tokens}
+    return usage
 
 
 # -- the endpoints ---------------------------------------------------------------------------------
@@ -232,7 +254,7 @@ def _event(data: dict[str, Any]) -> bytes:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
 
 
-async def chat_completions(cs: ChatStream, request: Request, options: dict[str, Any]) -> Response:
+async def chat_completions(cs: ChatStream, request: Request, options: OpenAIOptions) -> Response:
     """``POST /v1/chat/completions``: the answer to a conversation, streamed (SSE) or whole."""
     body, params = await _parse(cs, request, options, ChatCompletionRequest)
     session = ChatSession(None, build_prompt(cs, body.messages))
@@ -240,7 +262,7 @@ async def chat_completions(cs: ChatStream, request: Request, options: dict[str, 
     return await _answer(cs, turn, options, body)
 
 
-async def text_completions(cs: ChatStream, request: Request, options: dict[str, Any]) -> Response:
+async def text_completions(cs: ChatStream, request: Request, options: OpenAIOptions) -> Response:
     """``POST /v1/completions``: the continuation of a raw prompt, streamed (SSE) or whole."""
     body, params = await _parse(cs, request, options, CompletionRequest)
     # The session only collects the answer; the prompt is sent as the caller wrote it (its
@@ -256,20 +278,21 @@ async def text_completions(cs: ChatStream, request: Request, options: dict[str, 
 
 
 async def _parse(
-    cs: ChatStream, request: Request, options: dict[str, Any], model: type[B]
+    cs: ChatStream, request: Request, options: OpenAIOptions, model: type[B]
 ) -> tuple[B, GenerationParams]:
     """The body as ``model`` and its generation parameters (``OpenAIError`` naming what is wrong)."""
     if not cs.ready:
         await cs.start()
-    max_body = options.get("max_body_bytes", DEFAULT_MAX_BODY_BYTES)
-    body = await parse_request(request, max_body, model, max_input_chars=cs.settings.max_input_chars)
+    body = await parse_request(
+        request, options.max_body_bytes, model, max_input_chars=cs.settings.max_input_chars
+    )
     return body, generation_params(cs, body)
 
 
 async def _answer(
     cs: ChatStream,
     turn: Turn,
-    options: dict[str, Any],
+    options: OpenAIOptions,
     body: ChatCompletionRequest | CompletionRequest,
     gen_request: GenerationRequest | None = None,
 ) -> Response:

@@ -8,8 +8,8 @@ server-sent events (``data: {...}`` chunks, then ``data: [DONE]``) or comes back
 ``/v1/completions`` continues a raw ``prompt`` string as it is (no prompt format), which is what
 another chatstream's ``upstream`` engine sends in its ``completions`` mode.
 
-The wire format (bodies, checks, errors) is in ``openai_protocol``, the serving logic in
-``openai_serving``; this module mounts the routes.
+The wire format (bodies, checks, errors) is in ``protocol``, the serving logic in ``serving``;
+this module mounts the routes.
 
 Access: with no ``api_keys`` configured the endpoints are open (clients always send some key,
 which is then ignored). Once keys are configured, a caller needs a key whose role allows
@@ -40,38 +40,28 @@ from chatstream.access import AccessDenied, AccessPolicy, presented_key
 from chatstream.chatstream import ChatStream
 from chatstream.errors import ChatStreamError
 from chatstream.hookspecs import hookimpl
-from chatstream.plugins.transports.fastapi import client_left, json_body
-from chatstream.plugins.transports.openai_protocol import (
+from chatstream.http import client_left, json_body
+from chatstream.options import parse_options
+from chatstream.plugins.transports.openai.protocol import (
     CHAT_NAMES,
     ChatCompletionRequest,
     CompletionRequest,
     OpenAIError,
     openai_error,
 )
-from chatstream.plugins.transports.openai_serving import (
-    DEFAULT_MAX_BODY_BYTES,
+from chatstream.plugins.transports.openai.serving import (
     TRANSPORT,
+    OpenAIOptions,
     chat_completions,
     served_model_id,
     text_completions,
 )
 from chatstream.turn import report_refused
 
-OPTIONS = ("model_id", "max_body_bytes")
 
-
-def install(app: FastAPI, cs: ChatStream, options: dict[str, Any] | None = None) -> None:
+def install(app: FastAPI, cs: ChatStream, options: OpenAIOptions | dict[str, Any] | None = None) -> None:
     """Mount ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models`` and ``/v1/models/{id}``."""
-    options = dict(options or {})
-    unknown = set(options) - set(OPTIONS)
-    if unknown:
-        raise ValueError(f"openai transport options {sorted(unknown)} are unknown: use {', '.join(OPTIONS)}")
-    max_body = options.get("max_body_bytes", DEFAULT_MAX_BODY_BYTES)
-    if isinstance(max_body, str) and max_body.strip().isdigit():  # from an environment variable
-        max_body = int(max_body)
-    if isinstance(max_body, bool) or not isinstance(max_body, int) or max_body < 1024:
-        raise ValueError(f"openai transport option max_body_bytes={max_body!r}: use a whole number >= 1024")
-    options["max_body_bytes"] = max_body
+    options = parse_options(OpenAIOptions, options, "plugin_config.openai")
     policy = AccessPolicy(cs.settings)
     installed_at = int(time.time())
     keys_configured = bool(cs.settings.api_keys)
@@ -90,7 +80,7 @@ def install(app: FastAPI, cs: ChatStream, options: dict[str, Any] | None = None)
             raise OpenAIError(exc.status, exc.message, None, code) from None
 
     def generation_endpoint(
-        answer: Callable[[ChatStream, Request, dict[str, Any]], Awaitable[Response]],
+        answer: Callable[[ChatStream, Request, OpenAIOptions], Awaitable[Response]],
     ) -> Callable[[Request], Awaitable[Response]]:
         """An endpoint that checks access, runs ``answer`` and turns errors into the OpenAI shape."""
 
@@ -158,6 +148,6 @@ def install(app: FastAPI, cs: ChatStream, options: dict[str, Any] | None = None)
     app.add_api_route("/v1/models/{model_id:path}", model_endpoint, methods=["GET"], name="model")
 
 
-@hookimpl
+@hookimpl(trylast=True)
 def register_transports(register: Any) -> None:
-    register(TRANSPORT, install)
+    register(TRANSPORT, install, options=OpenAIOptions)

@@ -1,32 +1,7 @@
-"""The ``vllm`` engine: vLLM in this process, for continuous batching and a paged KV cache on GPUs.
+"""The vLLM engine: vLLM's ``AsyncLLMEngine`` in this process, prompts rendered and tokenized here.
 
-vLLM is optional and heavy (CUDA builds, its own torch pin), so it is imported only when the
-engine is created; ``chatstream plugins`` and every other engine work without it. Selecting the
-engine where vLLM is missing fails at start-up with the command that installs it.
-
-The engine is built from ``AsyncEngineArgs`` (``model``, ``max_num_seqs`` =
-``num_of_concurrent_executions``, ``max_model_len`` = ``context_len``, ``dtype``,
-``gpu_memory_utilization`` and any further engine argument from ``engine_args``). chatstream keeps
-the sessions and prompt formats: the prompt is rendered here and tokenized here with vLLM's own
-tokenizer, with message contents (``GenerationRequest.segments``) as plain text, so a user
-who types ``<|im_start|>`` never produces a control token; vLLM receives the ids as a
-``TokensPrompt``. Text streams back as vLLM detokenizes it (``RequestOutputKind.DELTA`` where
-vLLM has it, else the cumulative text, of which only the new tail is passed on). Closing the
-stream (the client left) aborts the request in vLLM at once, which frees its KV blocks.
-
-Sampling runs inside vLLM, so only what vLLM implements can be served: the operator's
-``sampling.pipeline`` is checked at start-up and a step vLLM cannot run (a third-party logits
-processor, a penalty window, a penalty counting other tokens than vLLM's does) is refused with a
-message naming it; a request asking for something vLLM cannot do (a subtractive repetition penalty,
-a multiplicative frequency or presence penalty) is refused with a ``ValueError`` naming the
-parameter (a 400 for HTTP clients), and a server whose default parameters ask for it does not start.
-
-Plugin options (``plugin_config.vllm``, env ``CHATSTREAM_PLUGIN_CONFIG__VLLM__<KEY>``):
-``dtype`` (default ``auto``), ``gpu_memory_utilization`` (share of GPU memory vLLM may take for
-weights and KV cache, default 0.9), ``tokenizer`` (a tokenizer path or hub id when the model's own
-is not wanted), ``engine_args`` (a table of further ``AsyncEngineArgs`` fields, e.g.
-``tensor_parallel_size``, ``quantization``, ``enforce_eager``, ``enable_prefix_caching``),
-``pipeline`` (the ``sampling.pipeline`` names, when the builder cannot tell them).
+vLLM runs its own scheduling loop, so this engine is not a step loop: each request is one
+``engine.generate`` stream, aborted in vLLM at once when its consumer goes away.
 """
 
 from __future__ import annotations
@@ -35,16 +10,13 @@ import contextlib
 import inspect
 import itertools
 import logging
-import math
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from chatstream import runtime_sampling
 from chatstream.engine_queue import check_prompt_room
-from chatstream.hookspecs import hookimpl
-from chatstream.runtime_sampling import Runtime, UnsupportedSamplingError
+from chatstream.options import parse_options
+from chatstream.runtime_sampling import UnsupportedSamplingError
 from chatstream.settings import SettingsError
 from chatstream.tokenization import HFPromptEncoder
 from chatstream.types import (
@@ -56,21 +28,14 @@ from chatstream.types import (
     TextDelta,
 )
 
+from .options import VLLMOptions
+from .sampling import RUNTIME, sampling_kwargs
+
 log = logging.getLogger(__name__)
 
-RUNTIME = Runtime("vllm", "vLLM", "vLLM")
 ENGINE_NAME = "vllm"
+OPTIONS_PATH = "plugin_config.vllm"
 INSTALL_HINT = "pip install vllm"
-_OPTION_NAMES = ("dtype", "gpu_memory_utilization", "tokenizer", "engine_args", "pipeline")
-# Engine arguments chatstream sets itself, and where the operator sets them instead.
-_OWN_ARGS = {
-    "model": "the model setting (CHATSTREAM_MODEL or --model)",
-    "max_num_seqs": "num_of_concurrent_executions (CHATSTREAM_NUM_OF_CONCURRENT_EXECUTIONS)",
-    "max_model_len": "context_len (CHATSTREAM_CONTEXT_LEN)",
-    "dtype": "plugin_config.vllm.dtype",
-    "gpu_memory_utilization": "plugin_config.vllm.gpu_memory_utilization",
-    "tokenizer": "plugin_config.vllm.tokenizer",
-}
 # vLLM's CompletionOutput.finish_reason values.
 _FINISH_REASONS = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "abort": FinishReason.CANCELLED}
 
@@ -93,113 +58,10 @@ def import_vllm() -> Any:
     return vllm
 
 
-# -- options and sampling --------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class VLLMOptions:
-    """The engine's checked plugin options."""
-
-    dtype: str = "auto"
-    gpu_memory_utilization: float = 0.9
-    tokenizer: str | None = None
-    engine_args: dict[str, Any] = field(default_factory=dict)
-
-
-def parse_options(config: EngineConfig) -> VLLMOptions:
-    """Check ``plugin_config.vllm``; errors name the option and the fix."""
-    options = config.options
-    unknown = sorted(set(options) - set(_OPTION_NAMES))
-    if unknown:
-        raise ValueError(
-            f"plugin_config.vllm has unknown option(s) {', '.join(map(repr, unknown))}; known: "
-            f"{', '.join(_OPTION_NAMES)} (pass other vLLM engine arguments in plugin_config.vllm.engine_args)"
-        )
-    dtype = options.get("dtype", "auto")
-    if not isinstance(dtype, str) or not dtype:
-        raise ValueError(
-            f"plugin_config.vllm.dtype={dtype!r} is invalid: use auto, bfloat16, float16 or float32"
-        )
-    share = options.get("gpu_memory_utilization", 0.9)
-    if (
-        isinstance(share, bool)
-        or not isinstance(share, (int, float))
-        or not math.isfinite(share)
-        or not 0 < share <= 1
-    ):
-        raise ValueError(
-            f"plugin_config.vllm.gpu_memory_utilization={share!r} is invalid: use a share of GPU "
-            "memory above 0 and at most 1, e.g. 0.9"
-        )
-    tokenizer = options.get("tokenizer")
-    if tokenizer is not None and (not isinstance(tokenizer, str) or not tokenizer):
-        raise ValueError(
-            f"plugin_config.vllm.tokenizer={tokenizer!r} is invalid: use a tokenizer path or hub id"
-        )
-    extra = options.get("engine_args", {})
-    if not isinstance(extra, dict):
-        raise ValueError(
-            f"plugin_config.vllm.engine_args={extra!r} is invalid: use a table of vLLM engine "
-            'arguments, e.g. {"tensor_parallel_size": 2}'
-        )
-    for name in extra:
-        if name in _OWN_ARGS:
-            raise ValueError(
-                f"plugin_config.vllm.engine_args.{name} is set by chatstream: use {_OWN_ARGS[name]} instead"
-            )
-    return VLLMOptions(dtype, float(share), tokenizer, dict(extra))
-
-
-def check_pipeline(config: EngineConfig) -> frozenset[str]:
-    """The sampling steps the runtime will run (see :func:`chatstream.runtime_sampling.check_pipeline`)."""
-    return runtime_sampling.check_pipeline(config, RUNTIME)
-
-
-def check_params(params: GenerationParams) -> None:
-    """Refuse parameters the runtime cannot honour (see :mod:`chatstream.runtime_sampling`)."""
-    runtime_sampling.check_params(params, RUNTIME)
-
-
-def sampling_kwargs(
-    params: GenerationParams, steps: frozenset[str], max_tokens: int, stop: Sequence[str]
-) -> dict[str, Any]:
-    """The ``SamplingParams`` arguments for ``params``; only the steps the operator's pipeline runs apply.
-
-    Special tokens stay in the text (as with chatstream's own detokenizer) so that a stop string
-    such as ``<|im_end|>`` matches; vLLM leaves the stop string, and the EOS token, out of the text.
-    """
-    check_params(params)
-    kwargs: dict[str, Any] = {
-        "n": 1,
-        "max_tokens": max_tokens,
-        "stop": [s for s in stop if s],
-        "include_stop_str_in_output": False,
-        "skip_special_tokens": False,
-        "spaces_between_special_tokens": False,
-    }
-    if "repetition" in steps and params.repetition_penalty is not None:
-        kwargs["repetition_penalty"] = params.repetition_penalty
-    if "frequency" in steps and params.frequency_penalty is not None:
-        kwargs["frequency_penalty"] = params.frequency_penalty
-    if "presence" in steps and params.presence_penalty is not None:
-        kwargs["presence_penalty"] = params.presence_penalty
-    if params.seed is not None:
-        kwargs["seed"] = params.seed
-    if params.greedy:
-        kwargs["temperature"] = 0.0  # vLLM's greedy decoding: the filters below do not matter
-        return kwargs
-    kwargs["temperature"] = params.temperature if "temperature" in steps else 1.0
-    # -1 is "off" in every vLLM version (0 is refused by older ones).
-    kwargs["top_k"] = params.top_k if "top_k" in steps and params.top_k > 0 else -1
-    kwargs["top_p"] = params.top_p if "top_p" in steps else 1.0
-    kwargs["min_p"] = params.min_p if "min_p" in steps else 0.0
-    return kwargs
-
-
-# -- prompts -------------------------------------------------------------------------------------------
 async def _maybe_await(value: Any) -> Any:
     return await value if inspect.isawaitable(value) else value
 
 
-# -- the engine ------------------------------------------------------------------------------------------
 class VLLMEngine:
     """Serves a Hugging Face model (a directory or hub id) through vLLM's ``AsyncLLMEngine``."""
 
@@ -207,16 +69,11 @@ class VLLMEngine:
 
     def __init__(self, config: EngineConfig) -> None:
         self._vllm = import_vllm()
-        if config.model is not None:
-            raise ValueError(
-                "the 'vllm' engine loads its model itself: set model to a Hugging Face model directory "
-                "or hub id instead of passing a model object"
-            )
-        if config.tokenizer is not None:
-            raise ValueError(
-                "the 'vllm' engine uses vLLM's tokenizer: leave tokenizer unset, or set "
-                "plugin_config.vllm.tokenizer to a tokenizer path or hub id"
-            )
+        config.refuse_objects(
+            ENGINE_NAME,
+            "a Hugging Face model directory or hub id",
+            "vLLM's tokenizer (plugin_config.vllm.tokenizer chooses another)",
+        )
         if not config.model_path:
             raise ValueError(
                 "the 'vllm' engine needs a model: set model (CHATSTREAM_MODEL or --model) to a Hugging "
@@ -229,13 +86,11 @@ class VLLMEngine:
                 "platform it was built for; leave device unset, pick GPUs with CUDA_VISIBLE_DEVICES and "
                 "spread a model over several with plugin_config.vllm.engine_args.tensor_parallel_size"
             )
-        if config.max_batch_size < 1:
-            raise ValueError(f"max_batch_size={config.max_batch_size} is invalid: use 1 or more")
-        if config.context_len < 2:
-            raise ValueError(f"context_len={config.context_len} is invalid: use 2 or more")
+        config.check_limits()
         self.config = config
-        self.options = parse_options(config)
-        self.steps_enabled = check_pipeline(config)  # refuse at start-up, before any load
+        self.options = parse_options(VLLMOptions, config.options, OPTIONS_PATH)
+        # Refused at start-up, before any load.
+        self.steps_enabled = RUNTIME.check_pipeline(config, self.options.pipeline)
         self.context_len = config.context_len
         self.engine_args = self._engine_args()
         self.engine: Any = None
@@ -267,6 +122,10 @@ class VLLMEngine:
         if "disable_log_requests" in fields and "enable_log_requests" not in fields:
             # Older vLLMs log every prompt at INFO; user text stays out of the log unless asked for.
             kwargs["disable_log_requests"] = True
+        if "enable_prefix_caching" in fields:
+            # A conversation's next turn starts with its last prompt and answer: vLLM reuses their
+            # KV blocks (engine_args.enable_prefix_caching = false turns it off).
+            kwargs["enable_prefix_caching"] = True
         kwargs.update(self.options.engine_args)
         try:
             return args_class(**kwargs)
@@ -283,7 +142,7 @@ class VLLMEngine:
             return
         if self.config.default_params is not None:  # refused before the model loads
             try:
-                check_params(self.config.default_params)
+                RUNTIME.check_params(self.config.default_params)
             except UnsupportedSamplingError as exc:
                 raise SettingsError(f"the default generation settings cannot run on vLLM: {exc}") from None
         engine = self._vllm.AsyncLLMEngine.from_engine_args(self.engine_args)
@@ -399,14 +258,3 @@ def _shutdown(engine: Any) -> Any:
         if callable(method):
             return method()
     return None
-
-
-def create_engine(config: EngineConfig) -> VLLMEngine:
-    """The engine factory registered as ``vllm``; imports vLLM."""
-    return VLLMEngine(config)
-
-
-@hookimpl
-def register_engines(register: Callable[..., None]) -> None:
-    """Register the ``vllm`` engine."""
-    register(ENGINE_NAME, create_engine)
