@@ -45,6 +45,8 @@ async def answer_chat_stream(
             )
         body = await parse_chat_body(cs, request, request_body)
         session = await cs.open_session(request)
+        if body.conversation_id is not None and body.conversation_id != session.conversation_id:
+            await cs.open_conversation(session, body.conversation_id)  # it becomes current
         params = cs.generation_params(session, **(body.generation_params or {}))
         cs.begin_turn(session, body)
         turn = cs.turn(session, params, transport=TRANSPORT, request=request, callback=callback)

@@ -21,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from .admission import Admission, Load
+from .conversations import ConversationBook, first_question, owner_of
 from .engine_choice import choose_engine
 from .errors import ChatStreamError, ClientDisconnected, StreamAborted, check_unicode
 from .pipeline import clamp_params
@@ -110,6 +111,12 @@ class ChatStreamRequestBody(BaseModel):
     generation_params: dict[str, Any] | None = Field(
         None, description="per-request overrides (temperature, top_p, ...), validated and clamped"
     )
+    conversation_id: str | None = Field(
+        None,
+        max_length=100,
+        description="continue this one of the session's conversations (it becomes current); "
+        "default: the current one",
+    )
 
 
 def _remember_explicit(init: F) -> F:
@@ -193,6 +200,12 @@ class ChatStream:
         # `is not None`: a store with ``__len__`` is falsy while empty, and must still be used.
         self.session_store: SessionStore = (
             session_store if session_store is not None else self._create_session_store()
+        )
+        # Conversations and stored responses as objects of their own, in the same store.
+        self.conversations = ConversationBook(
+            self.session_store,
+            max_conversations=self.settings.max_conversations_per_owner,
+            max_responses=self.settings.max_responses_per_owner,
         )
         self.request_handler = (
             request_handler if request_handler is not None else self._create_request_handler()
@@ -417,11 +430,56 @@ class ChatStream:
             raise ChatStreamError(503, "session_store_unavailable", str(exc)) from None
 
     async def save_session(self, request: Request | None, session: ChatSession) -> None:
-        """Keep the session through the request handler; an unreachable store is a 503."""
+        """Keep the session through the request handler, and its current conversation among the
+        session's stored conversations; an unreachable store is a 503."""
         try:
+            await self._keep_conversation(session)
             await self.request_handler.save_session(request, session)  # type: ignore[arg-type]
         except ConnectionError as exc:
             raise ChatStreamError(503, "session_store_unavailable", str(exc)) from None
+
+    # -- a session's conversations --------------------------------------------------------------------
+    def conversation_owner(self, session: ChatSession) -> str | None:
+        """The owner id of a browser session's conversations (None for stateless requests)."""
+        return None if session.id is None else owner_of("session", session.id)
+
+    async def _keep_conversation(self, session: ChatSession) -> None:
+        """Copy the session's conversation into its stored conversations (made on first use)."""
+        owner = self.conversation_owner(session)
+        if owner is None:
+            return
+        state = {"prompt": session.prompt.to_dict(), "generation_params": dict(session.generation_params)}
+        if session.conversation_id is not None:
+            kept = await self.conversations.update_conversation(owner, session.conversation_id, changes=state)
+            if kept is not None:
+                title = first_question(session.prompt)
+                if title and not kept.get("title"):  # an empty conversation named by its first question
+                    await self.conversations.update_conversation(owner, session.conversation_id, title=title)
+                return
+
+        if not session.prompt.get_contents():
+            return  # nothing to keep yet: a conversation is made by its first message
+        record = await self.conversations.create_conversation(
+            owner, title=first_question(session.prompt), extra=state
+        )
+        session.conversation_id = record["id"]
+
+    async def open_conversation(self, session: ChatSession, conversation_id: str) -> dict[str, Any]:
+        """Make one of the session's stored conversations its current one (the prompt and the
+        generation parameters it was left with); ``ChatStreamError`` 404 when it is not the session's."""
+        owner = self.conversation_owner(session)
+        record = None if owner is None else await self.conversations.conversation(owner, conversation_id)
+        if record is None or "prompt" not in record:
+            raise ChatStreamError(
+                404,
+                "unknown_conversation",
+                f"conversation_id {conversation_id!r} is not one of this session's conversations",
+                field="conversation_id",
+            )
+        session.prompt = self.restore_prompt(record.get("prompt") or {})
+        session.generation_params = dict(record.get("generation_params") or {})
+        session.conversation_id = conversation_id
+        return record
 
     @contextlib.asynccontextmanager
     async def session_lock(self, session_id: str | None) -> AsyncIterator[None]:

@@ -18,9 +18,12 @@ import asyncio
 import itertools
 import re
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import Field
 
 from .detokenize import StopStringFilter
+from .options import PluginOptions, parse_options
 from .types import FinishReason, GenerationRequest, TextDelta
 
 DEFAULT_TEXTS = (
@@ -45,28 +48,29 @@ def split_mock_tokens(text: str) -> list[str]:
     return _TOKEN.findall(text)
 
 
+class MockParams(PluginOptions):
+    """The generator mock's parameters (the ``mock_params`` setting, or ``plugin_config.mock``)."""
+
+    type: Literal["round", "long", "echo"] = Field(
+        "round", description="round: cycle through texts; long: a long text; echo: repeat the user's message"
+    )
+    texts: list[str] | None = Field(None, min_length=1, description="the answers round cycles through")
+    initial_wait_sec: float = Field(0.0, ge=0, description="wait before the first token")
+    time_per_token_sec: float = Field(0.0, ge=0, description="wait between tokens")
+
+
 class MockEngine:
     """An engine that needs no model: see the module docstring for its parameters."""
 
     name = "mock"
     tokenizer: Any = None
 
-    def __init__(self, mock_params: dict[str, Any] | None = None) -> None:
-        params = dict(mock_params or {})
-        self.type = params.pop("type", "round")
-        if self.type not in MOCK_TYPES:
-            raise ValueError(f"mock_params type {self.type!r} is unknown: use one of {', '.join(MOCK_TYPES)}")
-        self.initial_wait = float(params.pop("initial_wait_sec", 0.0))
-        self.time_per_token = float(params.pop("time_per_token_sec", 0.0))
-        texts = params.pop("texts", None) or DEFAULT_TEXTS
-        if params:
-            raise ValueError(
-                f"mock_params has unknown keys {sorted(params)}: "
-                "use type, texts, initial_wait_sec, time_per_token_sec"
-            )
-        if self.initial_wait < 0 or self.time_per_token < 0:
-            raise ValueError("mock_params initial_wait_sec and time_per_token_sec must be >= 0")
-        self._texts = itertools.cycle(list(texts))
+    def __init__(self, mock_params: MockParams | dict[str, Any] | None = None) -> None:
+        params = parse_options(MockParams, mock_params, "mock_params")
+        self.type = params.type
+        self.initial_wait = params.initial_wait_sec
+        self.time_per_token = params.time_per_token_sec
+        self._texts = itertools.cycle(list(params.texts or DEFAULT_TEXTS))
 
     async def start(self) -> None:
         return None

@@ -34,10 +34,19 @@ class ChatSession:
     prompt: AbstractChatPrompt
     generation_params: dict[str, Any] = field(default_factory=dict)
     is_new: bool = False
+    # The session's current conversation among its stored ones (chatstream.conversations);
+    # None until its first answer is saved.
+    conversation_id: str | None = None
 
     def to_record(self) -> dict[str, Any]:
         """What a store keeps for this session."""
-        return {"prompt": self.prompt.to_dict(), "generation_params": dict(self.generation_params)}
+        record: dict[str, Any] = {
+            "prompt": self.prompt.to_dict(),
+            "generation_params": dict(self.generation_params),
+        }
+        if self.conversation_id is not None:
+            record["conversation_id"] = self.conversation_id
+        return record
 
 
 class SessionConflict(Exception):

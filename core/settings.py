@@ -85,6 +85,7 @@ DEFAULT_ROLES: dict[str, list[str]] = {
         "get_generation_params",
         "set_feedback",
         "get_load",
+        "conversations",
     ],
     "admin": ["*"],
 }
@@ -165,6 +166,12 @@ class Settings(BaseSettings):
     session_store: str = "memory"
     session_secret: SecretStr | None = None
     max_input_chars: int = Field(16_000, ge=1)
+    max_conversations_per_owner: int = Field(
+        1000, ge=1, description="conversations an owner (API key or browser) keeps; the oldest go first"
+    )
+    max_responses_per_owner: int = Field(
+        1000, ge=1, description="stored /v1/responses an owner keeps; the oldest go first"
+    )
     stream_format: Literal["cumulative", "delta"] = Field(
         "cumulative",
         description="/chat_stream chunks: the whole answer so far (documented client) or only new text",

@@ -81,15 +81,24 @@ def run_live_server(app: Any, timeout_s: float = 30.0) -> Iterator[str]:
 
 @contextlib.contextmanager
 def run_server_process(
-    command: Sequence[str], port: int, *, env: Mapping[str, str] | None = None, timeout_s: float = 120.0
+    command: Sequence[str],
+    port: int,
+    *,
+    env: Mapping[str, str] | None = None,
+    timeout_s: float = 120.0,
+    quiet: bool = False,
 ) -> Iterator[str]:
     """Run a server command (it must listen on 127.0.0.1:``port``) in a child process; yields its
-    base URL once ``GET /ready`` answers 200, and stops the process afterwards."""
+    base URL once ``GET /ready`` answers 200, and stops the process afterwards. ``quiet`` drops
+    its output."""
     import subprocess
 
     import httpx
 
-    proc = subprocess.Popen(list(command), env=dict(env) if env is not None else None)
+    output = subprocess.DEVNULL if quiet else None
+    proc = subprocess.Popen(
+        list(command), env=dict(env) if env is not None else None, stdout=output, stderr=output
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout_s

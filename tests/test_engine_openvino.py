@@ -230,6 +230,38 @@ async def test_japanese_streams_without_replacement_characters(engine: OpenVINOE
 @needs_genai
 @needs_model
 @pytest.mark.smollm2
+async def test_prefix_caching_is_on_by_default_and_changes_no_greedy_token(
+    engine: OpenVINOEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import openvino_genai
+
+    assert engine.options.prefix_cache  # the module's engine runs with the default: on
+    schedulers: list[bool] = []
+    real = openvino_genai.ContinuousBatchingPipeline
+
+    def spy(path: str, scheduler: Any, *args: Any) -> Any:
+        schedulers.append(scheduler.enable_prefix_caching)
+        return real(path, scheduler, *args)
+
+    monkeypatch.setattr(openvino_genai, "ContinuousBatchingPipeline", spy)
+    cold = OpenVINOEngine(EngineConfig(max_batch_size=4, context_len=512, options={"prefix_cache": False}))
+    await cold.start()
+    try:
+        turn1 = chatml("Name three colours.")
+        answer1 = text_of(await collect(engine, GenerationRequest(turn1, GREEDY)))
+        follow = "<|im_start|>user\nAnd three animals?<|im_end|>\n<|im_start|>assistant\n"
+        turn2 = f"{turn1}{answer1}<|im_end|>\n{follow}"
+        warm = text_of(await collect(engine, GenerationRequest(turn2, GREEDY)))  # reuses turn 1's blocks
+        fresh = text_of(await collect(cold, GenerationRequest(turn2, GREEDY)))
+    finally:
+        await cold.close()
+    assert schedulers == [False]  # the setting reaches GenAI's scheduler
+    assert warm and warm == fresh
+
+
+@needs_genai
+@needs_model
+@pytest.mark.smollm2
 async def test_more_requests_than_slots_are_all_served(engine: OpenVINOEngine) -> None:
     prompts = [chatml(q) for q in ("Name a fruit.", "What is 2+2?", "Say hello.", "Name a colour.", "Hi!")]
     # Five at once with max_batch_size=4: GenAI queues the fifth and admits it when a slot frees.

@@ -109,6 +109,30 @@ async def test_a_resumed_request_joining_a_running_batch_gets_the_same_tokens(
     assert await with_a_running_batch(reuse) == await with_a_running_batch(cold)
 
 
+async def test_several_resumed_requests_at_once_share_one_prefill_and_change_no_token(
+    tiny_model: Any, engines: tuple[TransformersEngine, TransformersEngine]
+) -> None:
+    reuse, cold = engines
+    firsts = [
+        prompt(tiny_model, "Short one"),
+        prompt(tiny_model, "A somewhat longer opening message about the weather today"),
+        prompt(tiny_model, "Medium length question about rivers"),
+    ]
+    turn2 = []
+    for index, ids in enumerate(firsts):
+        got, _ = await answer(reuse, ids, f"s{index}")
+        follow = " and then?" if index != 1 else " tell me much more about it, with details"
+        turn2.append(ids + got + prompt(tiny_model, follow))
+    steps = reuse.steps
+    together = await asyncio.gather(*(answer(reuse, ids, f"s{i}") for i, ids in enumerate(turn2)))
+    expected = await asyncio.gather(*(answer(cold, ids, f"s{i}") for i, ids in enumerate(turn2)))
+    assert [got for got, _ in together] == [got for got, _ in expected]
+    # Different cached lengths and different new parts: every row reused its own history.
+    for (_, first), ids, old in zip(together, turn2, firsts, strict=True):
+        assert first.cached_tokens is not None and len(old) < first.cached_tokens < len(ids)
+    assert reuse.steps - steps <= GREEDY.max_new_tokens + 2  # they ran side by side, not one by one
+
+
 async def test_eviction_under_a_small_budget_keeps_answers_right(tiny_model: Any, layout: str) -> None:
     budget_mb = 0.1  # about two conversations' KV on the tiny model (512 bytes a token)
     small = make_engine(tiny_model, layout, prefix_cache_mb=budget_mb)

@@ -59,9 +59,13 @@ async def test_initial_wait_and_per_token_delay() -> None:
 
 
 def test_bad_mock_params_name_the_key() -> None:
-    with pytest.raises(ValueError, match="type 'loop'"):
+    with pytest.raises(ValueError, match=r"'mock_params\.type': .*\(got 'loop'\)"):
         MockEngine({"type": "loop"})
-    with pytest.raises(ValueError, match="time_per_tokn"):
+    with pytest.raises(
+        ValueError, match=r"'mock_params\.time_per_tokn': unknown option; known options: type, "
+    ):
         MockEngine({"type": "round", "time_per_tokn": 1})
-    with pytest.raises(ValueError, match=">= 0"):
+    with pytest.raises(
+        ValueError, match=r"'mock_params\.initial_wait_sec': .*greater than or equal to 0 \(got -1\)"
+    ):
         MockEngine({"type": "round", "initial_wait_sec": -1})

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -312,3 +313,26 @@ def test_no_builtin_reaches_into_another_and_core_imports_no_plugin() -> None:
             if family is None or target != family:
                 offending.append(f"{module} imports {name}")
     assert not offending, "\n".join(sorted(set(offending)))
+
+
+def test_plugins_options_lists_each_contribution_with_its_typed_options() -> None:
+    code = "import sys; from chatstream.cli import main; main(sys.argv[1:])"
+    done = subprocess.run(
+        [sys.executable, "-c", code, "plugins", "--options", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    rows = {(row["kind"], row["name"]): row for row in json.loads(done.stdout)}
+    memory = rows[("session_stores", "memory")]
+    assert memory["plugin"] == "chatstream.plugins.stores.memory" and memory["distribution"] == "chatstream"
+    assert memory["options_path"] == "plugin_config.memory"
+    ttl = next(option for option in memory["options"] if option["name"] == "ttl_s")
+    assert ttl["type"] == "float" and ttl["default"] == "3600.0" and "expires" in ttl["description"]
+    window = next(o for o in rows[("logits_processors", "repetition")]["options"] if o["name"] == "window")
+    assert window["type"] == "int | None" and rows[("logits_processors", "repetition")]["options_path"] == (
+        "sampling.processors.repetition"
+    )
+    builtins = [row for row in rows.values() if row["distribution"] == "chatstream" and row["options_path"]]
+    assert [row["name"] for row in builtins if not row["typed_options"]] == []  # every built-in is typed

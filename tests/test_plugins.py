@@ -103,25 +103,29 @@ def test_broken_plugin_is_fatal_in_strict_mode(site_dir: Path) -> None:
         load_plugins(strict=True)
 
 
-def test_duplicate_contribution_names_both_plugins() -> None:
+def test_a_third_party_contribution_replaces_the_trylast_builtin_of_that_name() -> None:
     class Rival:
         @hookimpl
         def register_engines(self, register: object) -> None:
             register("mock", lambda config: None)  # type: ignore[operator]
 
-    loaded = isolated_plugins(Rival())
-    with pytest.raises(PluginError, match=r"'mock' is registered by both .*engines.mock.* and 'Rival'"):
-        collect(loaded.pm, "engines")
+    engines = collect(isolated_plugins(Rival()).pm, "engines")
+    assert engines["mock"].plugin == "Rival"
+    assert engines["transformers"].plugin == "chatstream.plugins.engines.transformers_engine"
 
 
-def test_trylast_contribution_gives_way() -> None:
+def test_two_contributions_of_equal_priority_name_both_plugins() -> None:
     class Fallback:
         @hookimpl(trylast=True)
         def register_engines(self, register: object) -> None:
             register("mock", lambda config: None)  # type: ignore[operator]
 
     loaded = isolated_plugins(Fallback())
-    assert collect(loaded.pm, "engines")["mock"].plugin == "chatstream.plugins.engines.mock"
+    with pytest.raises(
+        PluginError,
+        match=r"'mock' is registered by both .*'Fallback'.*engines\.mock|engines\.mock.*'Fallback'",
+    ):
+        collect(loaded.pm, "engines")
 
 
 def test_unknown_hook_is_refused_at_load() -> None:

@@ -130,7 +130,7 @@ async def test_the_schema_is_served_and_describes_the_bodies(chatstream_client: 
     assert response.status_code == 200  # was a 500: handler defaults leaked into the schema
     paths = response.json()["paths"]
     body = paths["/chat_stream"]["post"]["requestBody"]["content"]["application/json"]["schema"]
-    assert set(body["properties"]) == {"user_input", "regenerate", "generation_params"}
+    assert set(body["properties"]) == {"user_input", "regenerate", "generation_params", "conversation_id"}
     chat = paths["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert "messages" in chat["required"] and "$ref" not in str(chat)
     for path, operations in paths.items():

@@ -79,5 +79,5 @@ def test_constructor_arguments_win_and_unset_ones_come_from_env(monkeypatch: pyt
 def test_invalid_constructor_option_is_refused_with_its_name() -> None:
     with pytest.raises(SettingsError, match="max_queue_size"):
         ChatStream(use_mock_response=True, max_queue_size=-1, plugins=isolated_plugins())
-    with pytest.raises(ValueError, match="mock_params type 'nope'"):
+    with pytest.raises(ValueError, match=r"'mock_params\.type': .*\(got 'nope'\)"):
         ChatStream(use_mock_response=True, mock_params={"type": "nope"}, plugins=isolated_plugins())

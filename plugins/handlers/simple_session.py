@@ -96,7 +96,13 @@ class SimpleSessionRequestHandler(AbstractRequestHandler):
                 session_id or secrets.token_urlsafe(24), self.chatstream.new_prompt(), is_new=True
             )
         prompt = self.chatstream.restore_prompt(record.get("prompt") or {})
-        return ChatSession(session_id, prompt, dict(record.get("generation_params") or {}))
+        conversation = record.get("conversation_id")
+        return ChatSession(
+            session_id,
+            prompt,
+            dict(record.get("generation_params") or {}),
+            conversation_id=conversation if isinstance(conversation, str) else None,
+        )
 
     async def refresh_session(self, request: Request | None, session: ChatSession) -> None:
         assert self.chatstream is not None

@@ -78,7 +78,8 @@ class ChatStreamMetrics:
         )
         self.prompt_tokens = Counter(
             "chatstream_prompt_tokens",
-            "Prompt tokens: computed (prefilled) or reused from the prefix cache of an earlier turn.",
+            "Prompt tokens: computed (prefilled) or reused from the prefix cache of an earlier turn "
+            "(requests of engines that report reuse).",
             ["kind"],
             registry=self.registry,
         )
@@ -116,9 +117,9 @@ class ChatStreamMetrics:
         tokens = int(info.get("tokens") or 0)
         if tokens:
             self.tokens.labels(transport=transport).inc(tokens)
-        prompt = info.get("prompt_tokens")
-        if prompt is not None:
-            reused = min(int(info.get("cached_tokens") or 0), int(prompt))
+        prompt, cached = info.get("prompt_tokens"), info.get("cached_tokens")
+        if prompt is not None and cached is not None:  # counted where the engine reports reuse
+            reused = min(int(cached), int(prompt))
             self.prompt_tokens.labels(kind="computed").inc(int(prompt) - reused)
             self.prompt_tokens.labels(kind="reused").inc(reused)
         ttft = info.get("ttft_s")

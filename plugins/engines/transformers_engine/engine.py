@@ -26,7 +26,7 @@ from chatstream.tokenization import HFPromptEncoder
 from chatstream.types import EngineConfig, FinishReason, LogitsProcessor, Segment
 
 from .batch import _Batch, _keep_rows, _merge, _Row
-from .kv_cache import SlotKVCache, cache_is_mergeable
+from .kv_cache import SlotKVCache, cache_is_mergeable, cache_of
 from .options import TransformersOptions
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -61,6 +61,7 @@ class TransformersEngine(StepLoopEngine[_Row]):
         self.device: Any = None
         self.eos_token_ids: list[int] = []
         self._prefill_kwargs: dict[str, Any] = {}
+        self._cache_arg = "past_key_values"
         self._batchable = True
         self._eos: Any = None
         self._slots: SlotKVCache | None = None
@@ -112,8 +113,11 @@ class TransformersEngine(StepLoopEngine[_Row]):
         max_positions = getattr(model.config, "max_position_embeddings", None)
         if isinstance(max_positions, int) and max_positions > 0:
             self.context_len = min(self.config.context_len, max_positions)
-        if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        accepted = inspect.signature(model.forward).parameters
+        if "logits_to_keep" in accepted:
             self._prefill_kwargs["logits_to_keep"] = 1
+        # transformers 5.2x names the KV cache argument ``cache`` (``past_key_values`` before).
+        self._cache_arg = "cache" if "cache" in accepted else "past_key_values"
         self._batchable = cache_is_mergeable(model)
         if self.options.kv_cache == "slots" and self._batchable:
             self._slots = SlotKVCache.for_model(model, self.max_batch_size, self.context_len, self.device)
@@ -190,8 +194,10 @@ class TransformersEngine(StepLoopEngine[_Row]):
             self._batch = self._decode_step(self._batch)
 
     def _forward(self, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+        if "past_key_values" in kwargs and self._cache_arg != "past_key_values":
+            kwargs[self._cache_arg] = kwargs.pop("past_key_values")
         out = self.model(use_cache=True, return_dict=True, **kwargs)
-        return out.logits[:, -1, :].float(), out.past_key_values
+        return out.logits[:, -1, :].float(), cache_of(out)
 
     def _pipeline(self, rows: Sequence[_Row]) -> list[LogitsProcessor]:
         build = self.config.build_pipeline
@@ -216,7 +222,7 @@ class TransformersEngine(StepLoopEngine[_Row]):
 
     def _admit(self, batch: _Batch | None, rows: list[_Row]) -> _Batch | None:
         """Prefill newcomers, emit their first token, join them to the batch. Rows whose prompt
-        starts with a cached prefix prefill only the rest, one by one; the others together."""
+        starts with a cached prefix prefill only the rest, together; the others together."""
         fresh: list[_Row] = []
         resumed: list[tuple[_Row, Hit[Any]]] = []
         for row in rows:
@@ -227,8 +233,8 @@ class TransformersEngine(StepLoopEngine[_Row]):
                 resumed.append((row, hit))
         if fresh:
             batch = self._join(batch, fresh, *self._prefill(fresh))
-        for row, hit in resumed:
-            batch = self._join(batch, [row], *self._resume(row, hit))
+        if resumed:
+            batch = self._join(batch, [row for row, _ in resumed], *self._resume(resumed))
         return batch
 
     def _prefill(self, rows: list[_Row]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
@@ -275,25 +281,56 @@ class TransformersEngine(StepLoopEngine[_Row]):
         length = min(hit.length, len(row.prompt_ids) - 1)
         return Hit(hit.entry, length) if length >= MIN_REUSE else None
 
-    def _resume(self, row: _Row, hit: Hit[Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
-        """``(ids, mask, logits, cache)`` of the row's prompt, computing only what follows the hit."""
+    def _resume(
+        self, resumed: list[tuple[_Row, Hit[Any]]]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
+        """``(ids, mask, logits, cache)`` of the rows' prompts in one forward pass that computes only
+        what follows each row's cached prefix.
+
+        Row ``i``'s cache is its kept prefix, left-padded to the longest; its new tokens follow,
+        left-padded to the longest rest, so every row's last token is in the last column. The
+        padding (before the prefix and between prefix and rest) is masked out and zeroed; explicit
+        positions keep every token at its own position.
+        """
         import torch
+        import torch.nn.functional as F
         from transformers import DynamicCache
 
-        reused, total = hit.length, len(row.prompt_ids)
+        width = max(hit.length for _, hit in resumed)
+        rest = max(len(row.prompt_ids) - hit.length for row, hit in resumed)
+        size, device = len(resumed), self.device
+        inputs = torch.zeros((size, rest), dtype=torch.long, device=device)
+        positions = torch.zeros((size, rest), dtype=torch.long, device=device)
+        mask = torch.zeros((size, width + rest), dtype=torch.long, device=device)
+        for i, (row, hit) in enumerate(resumed):
+            new = row.prompt_ids[hit.length :]
+            inputs[i, rest - len(new) :] = torch.tensor(new, device=device)
+            positions[i, rest - len(new) :] = torch.arange(hit.length, len(row.prompt_ids), device=device)
+            mask[i, width - hit.length : width] = 1
+            mask[i, width + rest - len(new) :] = 1
+            row.cached_tokens = hit.length
         cache = DynamicCache()
-        for layer, (keys, values) in enumerate(hit.entry.value):
-            cache.update(keys[:, :, :reused], values[:, :, :reused], layer)  # copies: the entry stays
-        ids = torch.tensor([row.prompt_ids], dtype=torch.long, device=self.device)
-        mask = torch.ones_like(ids)
+        for layer in range(len(resumed[0][1].entry.value)):
+            parts = []
+            for part in (0, 1):  # keys, values
+                kept = [hit.entry.value[layer][part][:, :, : hit.length] for _, hit in resumed]
+                parts.append(torch.cat([F.pad(k, (0, 0, width - k.shape[2], 0)) for k in kept]))
+            cache.update(parts[0], parts[1], layer)  # copies: the kept entries stay as they are
         logits, cache = self._forward(
-            input_ids=ids[:, reused:],
+            input_ids=inputs,
             attention_mask=mask,
-            position_ids=torch.arange(reused, total, device=self.device)[None, :],
+            position_ids=positions,
             past_key_values=cache,
             **self._prefill_kwargs,
         )
-        row.cached_tokens = reused
+        hide = mask[:, None, :, None] == 0
+        for layer in cache.layers:
+            layer.keys = layer.keys.masked_fill(hide, 0)
+            layer.values = layer.values.masked_fill(hide, 0)
+        length = max(len(row.prompt_ids) for row, _ in resumed)
+        ids = torch.full((size, length), -1, dtype=torch.long, device=device)
+        for i, (row, _) in enumerate(resumed):
+            ids[i, length - len(row.prompt_ids) :] = torch.tensor(row.prompt_ids, device=device)
         return ids, mask, logits, cache
 
     def _remember(self, batch: _Batch, indices: Sequence[int], first_slot: int = 0) -> None:
@@ -309,7 +346,8 @@ class TransformersEngine(StepLoopEngine[_Row]):
             count = int(batch.positions[i])
             history = batch.history[i]
             ids = history[history >= 0][:count].tolist()
-            if len(ids) != count or (self._slots is None and int(batch.mask[i].sum()) != count):
+            real = None if self._slots is not None else batch.mask[i].bool()
+            if len(ids) != count or (real is not None and int(real.sum()) != count):
                 continue  # never store ids and positions that disagree
             if self._slots is not None:
                 slot = first_slot + i
@@ -321,8 +359,9 @@ class TransformersEngine(StepLoopEngine[_Row]):
                     for layer in range(self._slots.keys.shape[0])
                 )
             else:
+                # The row's real positions, in order (padding may sit before and inside them).
                 layers = tuple(
-                    (layer.keys[i : i + 1, :, -count:].clone(), layer.values[i : i + 1, :, -count:].clone())
+                    (layer.keys[i : i + 1, :, real].clone(), layer.values[i : i + 1, :, real].clone())
                     for layer in batch.cache.layers
                 )
             nbytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers)

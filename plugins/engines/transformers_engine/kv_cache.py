@@ -41,20 +41,20 @@ class SlotKVCache:
         import torch
 
         probe = model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=True)
-        layers = probe.past_key_values.layers
+        layers = cache_of(probe).layers
         _, heads, _, head_dim = layers[0].keys.shape
         return cls(len(layers), slots, heads, max_len, head_dim, layers[0].keys.dtype, device)
 
     def fill(self, first_slot: int, cache: Any, mask: torch.Tensor) -> None:
-        """Copy a prefilled, left-padded ``DynamicCache`` (``mask`` marks real positions) into slots
-        ``first_slot...``, each row starting at position 0."""
+        """Copy a prefilled, padded ``DynamicCache`` (``mask`` marks real positions, wherever the
+        padding is) into slots ``first_slot...``, each row's real positions from position 0."""
+        real = [row.bool() for row in mask]
         lengths = mask.sum(dim=1).tolist()
-        width = mask.shape[1]
         for layer, source in enumerate(cache.layers):
             for i, length in enumerate(lengths):
                 slot = first_slot + i
-                self.keys[layer, slot, :, :length] = source.keys[i, :, width - length :]
-                self.values[layer, slot, :, :length] = source.values[i, :, width - length :]
+                self.keys[layer, slot, :, :length] = source.keys[i, :, real[i]]
+                self.values[layer, slot, :, :length] = source.values[i, :, real[i]]
 
     def prepare_step(self, positions: torch.Tensor) -> torch.Tensor:
         """Before a decode step of ``len(positions)`` rows: where each writes, and the mask that
@@ -100,6 +100,12 @@ class SlotKVCache:
             self.keys[:, targets] = self.keys[:, sources]
             self.values[:, targets] = self.values[:, sources]
         return order
+
+
+def cache_of(output: Any) -> Any:
+    """The KV cache a forward pass returned (``cache`` in transformers 5.2x, ``past_key_values`` before)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
 
 
 def cache_is_mergeable(model: Any) -> bool:

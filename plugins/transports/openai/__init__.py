@@ -1,5 +1,6 @@
-"""The OpenAI-compatible transport: ``POST /v1/chat/completions``, ``POST /v1/completions`` and
-``GET /v1/models``.
+"""The OpenAI-compatible transport: ``POST /v1/chat/completions``, ``POST /v1/completions``,
+``GET /v1/models``, and the stateful Responses and Conversations APIs (``/v1/responses``,
+``/v1/conversations``, in :mod:`.responses`).
 
 Any OpenAI client (the official ``openai`` package, LangChain, curl) can talk to a chatstream
 server. The request's messages are rendered with the served model's own prompt format, the
@@ -13,8 +14,9 @@ this module mounts the routes.
 
 Access: with no ``api_keys`` configured the endpoints are open (clients always send some key,
 which is then ignored). Once keys are configured, a caller needs a key whose role allows
-``chat_completions`` (both completion endpoints) / ``models`` (``Authorization: Bearer <key>`` or
-``X-API-Key``), unless the default role allows them.
+``chat_completions`` (both completion endpoints) / ``models`` / ``responses`` / ``conversations``
+(``Authorization: Bearer <key>`` or ``X-API-Key``), unless the default role allows them. Stored
+responses and conversations belong to the key that made them, configured or not.
 
 Options (``plugin_config.openai`` or ``install(app, cs, options)``):
 - ``model_id``: the model name the API reports (default: the ``model`` setting, ``mock`` for the
@@ -34,34 +36,33 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from starlette.requests import ClientDisconnect
 
 from chatstream.access import AccessDenied, AccessPolicy, presented_key
 from chatstream.chatstream import ChatStream
-from chatstream.errors import ChatStreamError
 from chatstream.hookspecs import hookimpl
-from chatstream.http import client_left, json_body
+from chatstream.http import json_body
 from chatstream.options import parse_options
 from chatstream.plugins.transports.openai.protocol import (
     CHAT_NAMES,
     ChatCompletionRequest,
     CompletionRequest,
     OpenAIError,
-    openai_error,
 )
 from chatstream.plugins.transports.openai.serving import (
     TRANSPORT,
     OpenAIOptions,
     chat_completions,
+    openai_endpoint,
     served_model_id,
     text_completions,
 )
-from chatstream.turn import report_refused
+
+from .responses import install_responses
 
 
 def install(app: FastAPI, cs: ChatStream, options: OpenAIOptions | dict[str, Any] | None = None) -> None:
     """Mount ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models`` and ``/v1/models/{id}``."""
-    options = parse_options(OpenAIOptions, options, "plugin_config.openai")
+    chosen = parse_options(OpenAIOptions, options, "plugin_config.openai")
     policy = AccessPolicy(cs.settings)
     installed_at = int(time.time())
     keys_configured = bool(cs.settings.api_keys)
@@ -80,26 +81,13 @@ def install(app: FastAPI, cs: ChatStream, options: OpenAIOptions | dict[str, Any
             raise OpenAIError(exc.status, exc.message, None, code) from None
 
     def generation_endpoint(
-        answer: Callable[[ChatStream, Request, OpenAIOptions], Awaitable[Response]],
+        answer: Callable[..., Awaitable[Response]],
     ) -> Callable[[Request], Awaitable[Response]]:
-        """An endpoint that checks access, runs ``answer`` and turns errors into the OpenAI shape."""
+        async def run(request: Request) -> Response:
+            return await answer(cs, request, chosen)
 
-        async def endpoint(request: Request) -> Response:
-            try:
-                check_access(request, "chat_completions")
-                return await answer(cs, request, options)
-            except ChatStreamError as exc:
-                failure = openai_error(exc, CHAT_NAMES)
-            except OpenAIError as exc:
-                failure = exc
-            except ClientDisconnect:
-                return client_left(cs, TRANSPORT)
-            if not failure.reported:  # refused before its turn began: counted here
-                refusal = ChatStreamError(failure.status, failure.code or "invalid_request", failure.message)
-                await report_refused(cs, TRANSPORT, refusal, getattr(request.state, "request_id", None))
-            return failure.response()
-
-        return endpoint
+        run.__doc__ = answer.__doc__
+        return openai_endpoint(cs, check_access, "chat_completions", CHAT_NAMES, run, generates=True)
 
     completions_endpoint = generation_endpoint(chat_completions)
     text_endpoint = generation_endpoint(text_completions)
@@ -109,12 +97,12 @@ def install(app: FastAPI, cs: ChatStream, options: OpenAIOptions | dict[str, Any
             check_access(request, "models")
         except OpenAIError as exc:
             return exc.response()
-        return JSONResponse({"object": "list", "data": [model_card(served_model_id(cs, options))]})
+        return JSONResponse({"object": "list", "data": [model_card(served_model_id(cs, chosen))]})
 
     async def model_endpoint(request: Request, model_id: str) -> Response:
         try:
             check_access(request, "models")
-            served = served_model_id(cs, options)
+            served = served_model_id(cs, chosen)
             if model_id != served:
                 raise OpenAIError(
                     404,
@@ -144,6 +132,7 @@ def install(app: FastAPI, cs: ChatStream, options: OpenAIOptions | dict[str, Any
         name="completions",
         openapi_extra=json_body(CompletionRequest),
     )
+    install_responses(app, cs, chosen, check_access)
     app.add_api_route("/v1/models", models_endpoint, methods=["GET"], name="models")
     app.add_api_route("/v1/models/{model_id:path}", model_endpoint, methods=["GET"], name="model")
 

@@ -322,5 +322,9 @@ async def parse_request(
         else:
             message = f"{param}: {error['msg']}"
         raise OpenAIError(400, message, param, "invalid_value") from None
-    _check_supported(body, max_input_chars)
+    check = getattr(body, "check_supported", None)  # the Responses and Conversations bodies'
+    if check is not None:
+        check(max_input_chars)
+    else:
+        _check_supported(body, max_input_chars)
     return body

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import Field
+from starlette.requests import ClientDisconnect
 
 from chatstream.chatstream import ChatStream, GenerationStats
 from chatstream.errors import ChatStreamError, ClientDisconnected
+from chatstream.http import client_left
 from chatstream.options import PluginOptions
 from chatstream.plugins.transports.openai.protocol import (
     CHAT_NAMES,
@@ -32,7 +34,7 @@ from chatstream.plugins.transports.openai.protocol import (
 from chatstream.prompt import AbstractChatPrompt
 from chatstream.sessions import ChatSession
 from chatstream.streaming import ChatStreamingResponse
-from chatstream.turn import EngineFailed, ServerShutdown, Turn
+from chatstream.turn import EngineFailed, ServerShutdown, Turn, report_refused
 from chatstream.types import GenerationParams, GenerationRequest
 
 B = TypeVar("B", ChatCompletionRequest, CompletionRequest)
@@ -210,23 +212,16 @@ class _Completion:
             yield b"data: [DONE]\n\n"
         except EngineFailed as exc:
             # Headers are gone already: the error travels as an event, which OpenAI clients raise.
-            yield _event(OpenAIError(500, f"generation failed: {exc}", None, "engine_error").body())
+            yield _event(generation_error(exc).body())
         finally:
             await turn.finish()
 
     async def whole(self) -> Response:
         """The whole answer as one object; stops generating if the client leaves."""
         turn = self.turn
-        try:
-            text = "".join([piece async for piece in turn.stream(watch_client=True)])
-        except ClientDisconnected:
-            return Response(status_code=499)  # nobody reads it; the status marks it in logs
-        except ServerShutdown:
-            return _shutdown_error().response()
-        except EngineFailed as exc:
-            return OpenAIError(500, f"generation failed: {exc}", None, "engine_error").response()
-        finally:
-            await turn.finish()
+        text = await whole_text(turn)
+        if isinstance(text, Response):
+            return text
         choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": _finish_reason(turn.stats)}
         if self.text:
             choice["text"] = text
@@ -242,6 +237,59 @@ class _Completion:
                 "usage": _usage(turn.prompt_tokens, turn.stats),
             }
         )
+
+
+async def whole_text(turn: Turn) -> str | Response:
+    """A turn's whole answer (generation stops if the client leaves), or the response to send
+    instead when it ended early; the turn is finished either way."""
+    try:
+        return "".join([piece async for piece in turn.stream(watch_client=True)])
+    except ClientDisconnected:
+        return Response(status_code=499)  # nobody reads it; the status marks it in logs
+    except (ServerShutdown, EngineFailed) as exc:
+        return generation_error(exc).response()
+    finally:
+        await turn.finish()
+
+
+def generation_error(exc: ServerShutdown | EngineFailed) -> OpenAIError:
+    """How an answer that ended early reads in OpenAI's shape: the server shutting down, or the
+    engine failing."""
+    if isinstance(exc, ServerShutdown):
+        return _shutdown_error()
+    return OpenAIError(500, f"generation failed: {exc}", None, "engine_error")
+
+
+def openai_endpoint(
+    cs: ChatStream,
+    check_access: Callable[[Request, str], None],
+    access: str,
+    names: dict[str, str],
+    handler: Callable[..., Awaitable[Response]],
+    *,
+    generates: bool,
+) -> Callable[[Request], Awaitable[Response]]:
+    """An endpoint that checks the caller's role for ``access``, runs ``handler(request,
+    **path_params)`` and answers every refusal in OpenAI's shape (core's fields named per
+    ``names``); a generating endpoint's refusals before its turn began are reported here."""
+
+    async def endpoint(request: Request) -> Response:
+        try:
+            check_access(request, access)
+            return await handler(request, **request.path_params)
+        except ChatStreamError as exc:
+            failure = openai_error(exc, names)
+        except OpenAIError as exc:
+            failure = exc
+        except ClientDisconnect:
+            return client_left(cs, TRANSPORT)
+        if generates and not failure.reported:
+            refusal = ChatStreamError(failure.status, failure.code or "invalid_request", failure.message)
+            await report_refused(cs, TRANSPORT, refusal, getattr(request.state, "request_id", None))
+        return failure.response()
+
+    endpoint.__doc__ = handler.__doc__
+    return endpoint
 
 
 def _shutdown_error() -> OpenAIError:

@@ -7,21 +7,19 @@ JSON names the field.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal, Optional, TypeVar
+from typing import Any, Literal, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model
 from starlette.requests import ClientDisconnect
 
 from chatstream.access import AccessDenied, AccessPolicy, presented_key
 from chatstream.chat_stream_http import answer_chat_stream
 from chatstream.chatstream import ChatStream, ChatStreamError, ChatStreamRequestBody
-from chatstream.errors import field_error
 from chatstream.hookspecs import Feedback, hookimpl
 from chatstream.http import client_left, json_body
 from chatstream.options import PluginOptions, parse_options
@@ -29,10 +27,10 @@ from chatstream.prompt import AbstractChatPrompt
 from chatstream.sessions import ChatSession
 from chatstream.types import GenerationParams
 
-Endpoint = Callable[[ChatStream, Request], Awaitable[Response]]
-M = TypeVar("M", bound=BaseModel)
+from . import conversations
+from .bodies import parse_body, respond
 
-MAX_BODY_BYTES = 64 * 1024  # for the small JSON bodies of the non-chat endpoints
+Endpoint = Callable[[ChatStream, Request], Awaitable[Response]]
 
 
 class FeedbackBody(BaseModel):
@@ -43,31 +41,6 @@ class FeedbackBody(BaseModel):
     message_id: str = Field(min_length=1, max_length=200)
     type: Literal["like", "dislike"]
     data: dict[str, Any] | None = None
-
-
-async def parse_body(request: Request, model: type[M], max_bytes: int = MAX_BODY_BYTES) -> M:
-    """The request's JSON body as ``model``, or a ``ChatStreamError`` naming what is wrong."""
-    raw = await request.body()
-    if len(raw) > max_bytes:
-        raise ChatStreamError(
-            413, "body_too_large", f"the body is {len(raw)} bytes; the limit is {max_bytes}"
-        )
-    try:
-        data = json.loads(raw) if raw else {}
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-        raise ChatStreamError(400, "invalid_json", "the body must be a JSON object") from None
-    if not isinstance(data, dict):
-        raise ChatStreamError(400, "invalid_body", "the body must be a JSON object")
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise field_error(exc) from None
-
-
-def respond(cs: ChatStream, session: ChatSession, body: Any, status: int = 200) -> Response:
-    response = JSONResponse(body, status_code=status)
-    cs.request_handler.finish_response(response, session)
-    return response
 
 
 async def chat_stream(cs: ChatStream, request: Request) -> Response:
@@ -250,6 +223,7 @@ EndpointName = Literal[
     "set_feedback",
     "get_load",
     "get_resource_usage",
+    "conversations",
 ]
 
 
@@ -264,7 +238,7 @@ class EndpointOptions(PluginOptions):
 def selected_endpoints(options: EndpointOptions | dict[str, Any] | None) -> list[str]:
     """Endpoint names chosen by ``{"all": True}``, ``{"include": [...]}`` or ``{"exclude": [...]}``."""
     chosen = parse_options(EndpointOptions, options, "plugin_config.fastapi")
-    names = list(ENDPOINTS)
+    names = [*ENDPOINTS, "conversations"]
     if chosen.include is not None:
         names = [name for name in names if name in chosen.include]
     elif not chosen.all and chosen.exclude is None:
@@ -297,6 +271,10 @@ def install(app: FastAPI, cs: ChatStream, options: EndpointOptions | dict[str, A
         return endpoint
 
     for name in selected_endpoints(options):
+        if name == "conversations":  # a group of routes, under one role API name
+            for method, path, route in conversations.ROUTES:
+                app.add_api_route(path, guarded(name, route), methods=[method], name=route.__name__)
+            continue
         method, handler = ENDPOINTS[name]
         app.add_api_route(
             f"/{name}", guarded(name, handler), methods=[method], name=name, openapi_extra=OPENAPI.get(name)
