@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from .admission import Admission, Load
-from .conversations import ConversationBook, first_question, owner_of
+from .conversations import ConversationBook, first_question, owner_of, unknown_conversation
 from .engine_choice import choose_engine
 from .errors import ChatStreamError, ClientDisconnected, StreamAborted, check_unicode
 from .pipeline import clamp_params
@@ -238,12 +238,11 @@ class ChatStream:
         return registry(self.pm, kind)
 
     def _create_engine(self) -> Engine:
-        name, reason = choose_engine(
-            self.settings, self.contributions("engines"), model_object=self._model_obj is not None
-        )
+        engines = self.contributions("engines")
+        name, reason = choose_engine(self.settings, engines, model_object=self._model_obj is not None)
         if name != "mock":
             self.logger.info("engine %r: %s (set engine / --engine to choose another)", name, reason)
-        engine = lookup(self.contributions("engines"), "engine", name, "engine")
+        engine = lookup(engines, "engine", name, "engine")
         config = EngineConfig(
             model=self._model_obj,
             tokenizer=self._tokenizer_obj,
@@ -256,7 +255,7 @@ class ChatStream:
             options=engine.parse_options(self.settings.plugin_config.get(name)),
             mock_params=dict(self.settings.mock_params) if name == "mock" else {},
             default_params=self.default_params,
-            engines=self.contributions("engines"),
+            engines=engines,
         )
         return engine.obj(config)
 
@@ -449,33 +448,33 @@ class ChatStream:
         if owner is None:
             return
         state = {"prompt": session.prompt.to_dict(), "generation_params": dict(session.generation_params)}
+        title = first_question(session.prompt)
         if session.conversation_id is not None:
-            kept = await self.conversations.update_conversation(owner, session.conversation_id, changes=state)
+            # One write; a conversation made empty (New chat) is named by its first question.
+            kept = await self.conversations.update_conversation(
+                owner, session.conversation_id, default_title=title, changes=state
+            )
             if kept is not None:
-                title = first_question(session.prompt)
-                if title and not kept.get("title"):  # an empty conversation named by its first question
-                    await self.conversations.update_conversation(owner, session.conversation_id, title=title)
                 return
 
         if not session.prompt.get_contents():
             return  # nothing to keep yet: a conversation is made by its first message
-        record = await self.conversations.create_conversation(
-            owner, title=first_question(session.prompt), extra=state
-        )
+        record = await self.conversations.create_conversation(owner, title=title, extra=state)
         session.conversation_id = record["id"]
+
+    async def session_conversation(self, session: ChatSession, conversation_id: str) -> dict[str, Any]:
+        """One of the session's stored conversations; ``ChatStreamError`` 404 when it is not the
+        session's (another session's, an API key's, or none)."""
+        owner = self.conversation_owner(session)
+        record = None if owner is None else await self.conversations.conversation(owner, conversation_id)
+        if record is None or "prompt" not in record:
+            raise unknown_conversation(conversation_id)
+        return record
 
     async def open_conversation(self, session: ChatSession, conversation_id: str) -> dict[str, Any]:
         """Make one of the session's stored conversations its current one (the prompt and the
         generation parameters it was left with); ``ChatStreamError`` 404 when it is not the session's."""
-        owner = self.conversation_owner(session)
-        record = None if owner is None else await self.conversations.conversation(owner, conversation_id)
-        if record is None or "prompt" not in record:
-            raise ChatStreamError(
-                404,
-                "unknown_conversation",
-                f"conversation_id {conversation_id!r} is not one of this session's conversations",
-                field="conversation_id",
-            )
+        record = await self.session_conversation(session, conversation_id)
         session.prompt = self.restore_prompt(record.get("prompt") or {})
         session.generation_params = dict(record.get("generation_params") or {})
         session.conversation_id = conversation_id

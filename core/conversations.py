@@ -25,6 +25,7 @@ import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from .errors import ChatStreamError
 from .sessions import SessionStore
 
 OWNER_KEY = "owner:"
@@ -70,21 +71,31 @@ def item_text(item: dict[str, Any]) -> str:
     return "".join(str(part.get("text", "")) for part in item.get("content", []) if isinstance(part, dict))
 
 
+def short_title(text: str) -> str:
+    """``text`` as a title: white space folded, at most ``TITLE_CHARS`` characters."""
+    text = " ".join(text.split())
+    return text if len(text) <= TITLE_CHARS else text[: TITLE_CHARS - 1] + "…"
+
+
 def title_of(items: Sequence[dict[str, Any]]) -> str:
     """A conversation's default title: its first user message, shortened."""
-    for item in items:
-        if item.get("role") == "user":
-            text = " ".join(item_text(item).split())
-            return text if len(text) <= TITLE_CHARS else text[: TITLE_CHARS - 1] + "…"
-    return ""
+    return next((short_title(item_text(item)) for item in items if item.get("role") == "user"), "")
 
 
 def first_question(prompt: Any) -> str:
     """A chat conversation's default title: its first user message, shortened."""
-    for content in prompt.get_contents():
-        if content.role == prompt.requester and content.message:
-            return title_of([message_item("user", content.message)])
-    return ""
+    contents = prompt.get_contents()
+    return next((short_title(c.message) for c in contents if c.role == prompt.requester and c.message), "")
+
+
+def unknown_conversation(conversation_id: str) -> ChatStreamError:
+    """The 404 for a conversation id that is not the asker's (or does not exist)."""
+    return ChatStreamError(
+        404,
+        "unknown_conversation",
+        f"conversation_id {conversation_id!r} is not one of this session's conversations",
+        field="conversation_id",
+    )
 
 
 class ConversationBook:
@@ -175,11 +186,13 @@ class ConversationBook:
         *,
         metadata: dict[str, str] | None = None,
         title: str | None = None,
+        default_title: str = "",
         add_items: Sequence[dict[str, Any]] = (),
         changes: dict[str, Any] | None = None,
     ) -> dict[str, Any] | None:
         """Change a conversation (None when it is missing or not the owner's): replace its metadata
-        or title, append items, or set other fields; its ``updated_at`` moves on."""
+        or title (``default_title`` names it only while it has none), append items, or set other
+        fields; its ``updated_at`` moves on."""
         async with self._lock(owner):
             record = await self.conversation(owner, conversation_id)
             if record is None:
@@ -188,10 +201,11 @@ class ConversationBook:
                 record["metadata"] = dict(metadata)
             if add_items:
                 record["items"] = [*record.get("items", []), *add_items]
-                if not record.get("title"):
-                    record["title"] = title_of(record["items"])
+                default_title = default_title or title_of(record["items"])
             if title is not None:
                 record["title"] = title
+            elif default_title and not record.get("title"):
+                record["title"] = default_title
             record.update(changes or {})
             record["updated_at"] = time.time()
             await self.store.save(CONVERSATION_KEY + conversation_id, record)

@@ -72,11 +72,25 @@ async def test_a_chain_with_a_deleted_link_names_it() -> None:
         await book.history(ANN, "resp_2")
 
 
+class YieldingStore(OldStyleStore):
+    """Gives way to other tasks on every call, as a store over the network does."""
+
+    async def load(self, session_id: str) -> dict[str, Any] | None:
+        await asyncio.sleep(0)
+        return await super().load(session_id)
+
+    async def save(self, session_id: str, data: dict[str, Any]) -> None:
+        await asyncio.sleep(0)
+        await super().save(session_id, data)
+
+
 async def test_many_writers_at_once_lose_no_conversation() -> None:
-    book = ConversationBook(MemorySessionStore())
+    book = ConversationBook(YieldingStore())
     made = await asyncio.gather(
         *(book.create_conversation(ANN, [message_item("user", f"q{i}")]) for i in range(25))
     )
+    created = await book.conversations(ANN)
+    assert sorted(c["id"] for c in created) == sorted(c["id"] for c in made)
     await asyncio.gather(*(book.update_conversation(ANN, c["id"], title=f"t{i}") for i, c in enumerate(made)))
     listed = await book.conversations(ANN)
     assert sorted(c["id"] for c in listed) == sorted(c["id"] for c in made)

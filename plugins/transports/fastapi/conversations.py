@@ -26,6 +26,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from chatstream.chatstream import ChatStream
+from chatstream.conversations import unknown_conversation
 from chatstream.errors import ChatStreamError, check_unicode
 from chatstream.sessions import ChatSession
 
@@ -59,15 +60,6 @@ class NewConversationBody(BaseModel):
     title: str | None = Field(None, min_length=1, max_length=MAX_TITLE)
 
     _tidy = field_validator("title")(lambda value: None if value is None else _tidy_title(value))
-
-
-def _unknown(conversation_id: str) -> ChatStreamError:
-    return ChatStreamError(
-        404,
-        "unknown_conversation",
-        f"conversation_id {conversation_id!r} is not one of this session's conversations",
-        field="conversation_id",
-    )
 
 
 def _not_busy(cs: ChatStream, session: ChatSession) -> None:
@@ -121,12 +113,8 @@ async def new_conversation(cs: ChatStream, request: Request) -> Response:
 
 async def get_conversation(cs: ChatStream, request: Request) -> Response:
     """GET: one of this session's conversations, with its messages."""
-    conversation_id = request.path_params["conversation_id"]
     session = await cs.open_session(request)
-    owner = cs.conversation_owner(session)
-    record = None if owner is None else await cs.conversations.conversation(owner, conversation_id)
-    if record is None or "prompt" not in record:
-        raise _unknown(conversation_id)
+    record = await cs.session_conversation(session, request.path_params["conversation_id"])
     return respond(cs, session, _view(cs, session, record))
 
 
@@ -150,7 +138,7 @@ async def rename_conversation(cs: ChatStream, request: Request) -> Response:
     owner = _owner(cs, session)
     record = await cs.conversations.update_conversation(owner, conversation_id, title=body.title)
     if record is None or "prompt" not in record:
-        raise _unknown(conversation_id)
+        raise unknown_conversation(conversation_id)
     return respond(cs, session, _view(cs, session, record))
 
 
@@ -164,7 +152,7 @@ async def delete_conversation(cs: ChatStream, request: Request) -> Response:
         _not_busy(cs, session)
     async with cs.session_lock(session.id):
         if not await cs.conversations.delete_conversation(owner, conversation_id):
-            raise _unknown(conversation_id)
+            raise unknown_conversation(conversation_id)
         if current:
             session.prompt = cs.new_prompt()
             session.conversation_id = None
